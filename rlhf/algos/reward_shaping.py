@@ -1,0 +1,40 @@
+"""From one score per response to per-token rewards for PPO: where the score goes, and the KL penalty."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rlhf.algos.aggregation import check_same_shape
+
+
+def place_sequence_rewards(scores: Tensor, action_mask: Tensor) -> Tensor:
+    """Per-token rewards [B, T] holding each row's score [B] on its last real response token, 0 elsewhere.
+
+    The score of a whole response is earned by its last action (InstructGPT, arXiv:2203.02155, Sec. 3.5; Ziegler
+    et al. 2019, arXiv:1909.08593). The position is read from ``action_mask``, so it is never a padding token,
+    whichever side the padding is on. A row with no response token gets no reward (there is no action to credit).
+    """
+    if scores.dim() != 1 or action_mask.dim() != 2 or scores.shape[0] != action_mask.shape[0]:
+        raise ValueError(
+            f"scores must be [B] and action_mask [B, T], got {list(scores.shape)} and {list(action_mask.shape)}"
+        )
+    real = action_mask != 0
+    positions = torch.arange(real.shape[1], device=real.device)
+    last = torch.where(real, positions, -1).amax(-1)
+    at_last = (positions == last[:, None]) & real
+    dtype = torch.promote_types(scores.dtype, torch.float32)
+    return torch.where(at_last, scores.to(dtype)[:, None], torch.zeros((), dtype=dtype, device=scores.device))
+
+
+def kl_shaped_rewards(scores: Tensor, kl: Tensor, kl_coef: float, action_mask: Tensor) -> Tensor:
+    """r_t = -beta * KL_t + [t is the last response token] * r(x, y), per token [B, T].
+
+    The KL-penalised reward of Ziegler et al. 2019 (arXiv:1909.08593, Sec. 2.2: R = r - beta log(pi / rho))
+    and InstructGPT (arXiv:2203.02155, eq. 2), spread over tokens: ``kl`` [B, T] is the per-token estimate from
+    ``kl_penalty`` (k1 in those papers), ``kl_coef`` is beta, ``scores`` [B] the reward model's or verifier's
+    score. Masked positions are 0.
+    """
+    check_same_shape(kl=kl, action_mask=action_mask)
+    penalty = torch.where(action_mask != 0, -kl_coef * kl, torch.zeros((), dtype=kl.dtype, device=kl.device))
+    return penalty + place_sequence_rewards(scores, action_mask)

@@ -1,0 +1,130 @@
+"""The `rlhf` command: one sub-command per stage; extra arguments are Hydra overrides."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import shlex
+import subprocess
+import sys
+from typing import Optional
+
+import typer
+
+from rlhf.errors import RLHFError
+
+# stage -> (config name, trainer class, one-line description)
+STAGES: dict[str, tuple[str, str, str]] = {
+    "sft": ("sft", "rlhf.trainers.sft:SFTTrainer",
+            "Supervised fine-tuning on demonstrations (the cold start before RL)."),
+}
+
+OVERRIDE_HELP = """
+Any further arguments are Hydra overrides: `key=value` (trainer.lr=1e-4), `group=option` (deepspeed=zero2),
+`+new.key=value`, `~key`. `--cfg job` prints the resolved config and exits.
+"""
+
+app = typer.Typer(help="RLHF from the command line: SFT, reward models, PPO and GRPO on DeepSpeed.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  rich_markup_mode=None)
+
+
+@app.callback()
+def _root() -> None:
+    """RLHF from the command line: SFT, reward models, PPO and GRPO on DeepSpeed."""
+
+
+def _groups_epilog() -> str:
+    from rlhf.config import group_options
+
+    lines = [f"  {group}: {', '.join(options)}" for group, options in group_options().items()]
+    return "Config groups (choose with group=option):\n\n" + "\n\n".join(lines)
+
+
+def _quiet_libraries() -> None:
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name in ("DeepSpeed", "deepspeed", "torch.distributed", "transformers", "datasets"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
+def _under_launcher() -> bool:
+    return "LOCAL_RANK" in os.environ and "RANK" in os.environ
+
+
+def launch_command(stage: str, cfg, overrides: list[str]) -> list[str]:
+    """The deepspeed-launcher command that runs this stage on every process (each rank re-reads the config)."""
+    launcher = cfg.launcher
+    cmd = ["deepspeed", "--master_port", str(launcher.master_port)]
+    if launcher.hostfile:
+        cmd += ["--hostfile", launcher.hostfile, "--num_nodes", str(launcher.num_nodes)]
+        if launcher.master_addr:
+            cmd += ["--master_addr", launcher.master_addr]
+        if launcher.include:
+            cmd += ["--include", launcher.include]
+    cmd += ["--num_gpus", str(launcher.nproc_per_node), "--module", "rlhf.cli", stage.replace("_", "-")]
+    return cmd + list(overrides) + [f"run.dir={cfg.run.dir}"]
+
+
+def run_stage(stage: str, overrides: list[str], print_cfg: Optional[str] = None) -> None:
+    _quiet_libraries()
+    from omegaconf import OmegaConf
+
+    from rlhf.config import load_config
+    from rlhf.trainers.base import default_run_dir
+
+    config_name, target, _ = STAGES[stage]
+    cfg = load_config(config_name, overrides)
+    if print_cfg is not None:
+        if print_cfg not in ("job", "all"):
+            raise RLHFError(f"--cfg takes 'job' (the resolved config), got {print_cfg!r}")
+        typer.echo(OmegaConf.to_yaml(cfg))
+        return
+    wants_launcher = cfg.launcher.nproc_per_node > 1 or cfg.launcher.hostfile
+    if wants_launcher and not _under_launcher():
+        if not cfg.run.dir:
+            cfg.run.dir = default_run_dir(stage)
+        cmd = launch_command(stage, cfg, overrides)
+        typer.echo(shlex.join(cmd))
+        if cfg.launcher.dry_run:
+            return
+        raise typer.Exit(subprocess.call(cmd))
+    module_name, cls_name = target.split(":")
+    trainer_cls = getattr(importlib.import_module(module_name), cls_name)
+    trainer_cls(cfg).run()
+
+
+def _register(stage: str) -> None:
+    _, _, description = STAGES[stage]
+
+    @app.command(stage.replace("_", "-"), help=f"{description}\n\n{OVERRIDE_HELP}", epilog=_groups_epilog(),
+                 context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+    def command(ctx: typer.Context,
+                cfg: Optional[str] = typer.Option(None, "--cfg", help="Print the resolved config ('job') and exit.")):
+        run_stage(stage, list(ctx.args), cfg)
+
+
+for _stage in STAGES:
+    _register(_stage)
+
+
+def main() -> None:
+    try:
+        app()
+    except RLHFError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,351 @@
+"""Structured configs: one dataclass per Hydra group, a docstring under every field.
+
+The field docstrings are read back (``field_docs``) to generate ``docs/configuration.md`` and the CLI help,
+so the reference cannot drift from the code. The same key means the same thing in every stage.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException, OverrideParseException
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
+
+from rlhf.errors import ConfigError
+
+
+@dataclass
+class RunConfig:
+    dir: Optional[str] = None
+    """Run directory. Default: outputs/<stage>/<YYYY-mm-dd_HH-MM-SS>."""
+    seed: int = 0
+    """Seed for model init, data order, sampling and dropout."""
+    resume: Any = False
+    """false: start fresh; true: continue from the latest checkpoint in run.dir; a path: continue from that checkpoint."""
+    overwrite: bool = False
+    """Allow starting fresh in a run.dir that already holds a run (its contents are replaced)."""
+
+
+@dataclass
+class TinyModelConfig:
+    """Architecture of the embedded Llama-style model built when model.name_or_path is null."""
+
+    hidden_size: int = 128
+    """Width of the residual stream."""
+    num_layers: int = 4
+    """Number of transformer blocks."""
+    num_heads: int = 4
+    """Attention heads (key/value heads are the same number)."""
+    intermediate_size: int = 384
+    """Width of the MLP."""
+    max_position_embeddings: int = 256
+    """Longest sequence the model is built for (prompt + response)."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: Optional[str] = None
+    """Hugging Face hub id or local directory of a causal LM. null: build the embedded tiny model (model.tiny)."""
+    tokenizer: Optional[str] = None
+    """Tokenizer hub id or directory. null: the one beside the model (or the embedded character tokenizer)."""
+    dtype: str = "fp32"
+    """Parameter dtype: fp32, bf16 or fp16 (bf16/fp16 also switch DeepSpeed mixed precision on)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    attn_implementation: Optional[str] = None
+    """Attention kernel passed to transformers (eager, sdpa, flash_attention_2). null: transformers' default."""
+    trust_remote_code: bool = False
+    """Allow model code from the model's repository (needed by some hub models)."""
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    """Architecture of the embedded model."""
+
+
+@dataclass
+class ArithmeticConfig:
+    """The built-in arithmetic task: prompts like `47+38=`, answers `<think>...</think><answer>85</answer>`."""
+
+    digits: int = 2
+    """Digits per operand."""
+    num_train: int = 300
+    """Training rows (demonstrations for SFT, prompts for RL, pairs for reward modelling)."""
+    num_eval: int = 200
+    """Held-out rows, disjoint from the training ones."""
+    wrong_rate: float = 0.0
+    """Share of demonstrations whose answer is replaced by a wrong one."""
+    carry_drop_rate: float = 0.5
+    """Share of demonstrations that systematically drop carries (a flawed teacher)."""
+
+
+@dataclass
+class DataConfig:
+    path: Optional[str] = None
+    """Hub dataset name, or a local .json/.jsonl/.parquet/.csv file or directory. null: the built-in task (data.task)."""
+    task: str = "arithmetic"
+    """Built-in task used when data.path is null."""
+    subset: Optional[str] = None
+    """Hub dataset configuration name (the second argument of datasets.load_dataset)."""
+    split: str = "train"
+    """Split used for training."""
+    eval_split: Optional[str] = None
+    """Split used for held-out evaluation. null: the built-in task's test set, or data.eval_size rows held out from the training split."""
+    eval_size: int = 200
+    """Rows held out from the training split when there is no eval_split (0 = no held-out set)."""
+    format: str = "auto"
+    """Row layout: auto, prompt_completion, messages, gsm8k, prompt, preference, hh_rlhf, ranked. auto: inferred from the columns."""
+    columns: Dict[str, str] = field(default_factory=dict)
+    """Column renames, canonical name -> name in the data, e.g. {prompt: question}."""
+    prompt_template: str = "{prompt}"
+    """Python format string wrapped around string prompts ({prompt} and any other column). Ignored for chat prompts."""
+    chat_template: Optional[bool] = None
+    """Render prompts with the tokenizer's chat template. null: only prompts given as message lists."""
+    max_prompt_length: int = 64
+    """Longest prompt in tokens."""
+    max_length: int = 256
+    """Longest prompt + response in tokens (longer training rows are truncated at the end)."""
+    on_long_prompt: str = "drop"
+    """What to do with prompts longer than max_prompt_length: drop (and count) or error."""
+    arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
+    """Settings of the built-in arithmetic task."""
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 100
+    """Optimizer steps to train for."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    lr_scheduler: str = "cosine"
+    """Learning-rate shape after warm-up: cosine, linear or constant."""
+    warmup_steps: int = 10
+    """Steps of linear warm-up from 0 to trainer.lr."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of trainer.lr (cosine and linear)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW betas."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping by global norm (0 = off)."""
+    micro_batch_size: int = 16
+    """Rows per forward/backward pass on each process."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    group_by_length: bool = True
+    """Sort each step's rows by length before cutting micro-batches, so they carry less padding."""
+    eval_every: int = 50
+    """Evaluate on the held-out set every N steps (0 = only at the end)."""
+    save_every: int = 50
+    """Write a resumable checkpoint every N steps (0 = only at the end)."""
+    keep_last: int = 2
+    """Checkpoints kept in run.dir/checkpoints (older ones are deleted)."""
+    log_every: int = 1
+    """Write metrics every N steps."""
+
+
+@dataclass
+class EvalConfig:
+    max_new_tokens: int = 64
+    """Tokens generated per held-out prompt (greedy)."""
+    batch_size: int = 100
+    """Prompts per generation batch."""
+    num_examples: Optional[int] = None
+    """Held-out rows to score (null: all)."""
+
+
+@dataclass
+class DeepSpeedConfig:
+    config: Dict[str, Any] = field(default_factory=dict)
+    """DeepSpeed config fragment (zero_optimization, ...). Batch sizes, clipping, precision, optimizer and scheduler are filled in from the run config."""
+    overrides: Dict[str, Any] = field(default_factory=dict)
+    """Raw DeepSpeed keys merged last, over everything else."""
+
+
+@dataclass
+class LoggerConfig:
+    wandb: bool = False
+    """Also log to Weights & Biases (offline when WANDB_MODE=offline)."""
+    project: str = "rlhf"
+    """wandb project."""
+    entity: Optional[str] = None
+    """wandb entity (team or user)."""
+    name: Optional[str] = None
+    """wandb run name (default: the run directory's name)."""
+    tags: List[str] = field(default_factory=list)
+    """wandb tags."""
+    progress: bool = True
+    """Show a progress bar with live metrics."""
+
+
+@dataclass
+class LauncherConfig:
+    nproc_per_node: int = 1
+    """Processes per node. Above 1 (or with a hostfile) the stage re-launches itself under the deepspeed launcher."""
+    num_nodes: int = 1
+    """Nodes to use from the hostfile."""
+    hostfile: Optional[str] = None
+    """DeepSpeed hostfile (`host slots=N` per line) for multi-node runs."""
+    master_addr: Optional[str] = None
+    """Address of rank 0 (multi-node)."""
+    master_port: int = 29500
+    """Port of rank 0."""
+    include: Optional[str] = None
+    """DeepSpeed --include filter, e.g. `host1:0,1@host2`."""
+    dry_run: bool = False
+    """Print the launch command and exit."""
+
+
+@dataclass
+class SFTAlgoConfig:
+    loss_on_prompt: bool = False
+    """Also train on prompt tokens (default: completion tokens only)."""
+
+
+@dataclass
+class StageConfig:
+    stage: str = MISSING
+    """Which stage this config drives (set by the entry config)."""
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+
+
+@dataclass
+class SFTConfig(StageConfig):
+    algo: SFTAlgoConfig = field(default_factory=SFTAlgoConfig)
+
+
+STAGE_SCHEMAS: dict[str, type] = {"sft": SFTConfig}
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    for stage, schema in STAGE_SCHEMAS.items():
+        cs.store(name=f"schema_{stage}", node=schema)
+
+
+@lru_cache(maxsize=None)
+def field_docs(cls: type) -> dict[str, str]:
+    """Docstrings written under dataclass fields (the string literal after each annotated field)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        tree = ast.parse(inspect.cleandoc("\n" + inspect.getsource(klass)))
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for node, nxt in zip(body, body[1:]):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[node.target.id] = inspect.cleandoc(nxt.value.value)
+    return docs
+
+
+def conf_dir() -> Path:
+    """conf/ inside an installed wheel (rlhf/conf), else the repository's top-level conf/."""
+    packaged = Path(__file__).parent / "conf"
+    if (packaged / "sft.yaml").exists():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "conf"
+
+
+def group_options() -> dict[str, list[str]]:
+    """Config groups and their options, read from conf/ (for help texts and error messages)."""
+    root = conf_dir()
+    return {
+        d.name: sorted(p.stem for p in d.glob("*.yaml"))
+        for d in sorted(root.iterdir())
+        if d.is_dir() and any(d.glob("*.yaml"))
+    }
+
+
+def load_config(stage: str, overrides: list[str]) -> DictConfig:
+    """Compose conf/<stage>.yaml with Hydra overrides; every failure becomes one ConfigError line."""
+    register_configs()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="rlhf"):
+            cfg = compose(config_name=stage, overrides=list(overrides), return_hydra_config=True)
+        choices = dict(cfg.hydra.runtime.choices)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        OmegaConf.resolve(cfg)
+        _check_missing(cfg)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(_explain(exc, stage)) from None
+    if choices.get("model") == "hf" and not cfg.model.name_or_path:
+        raise ConfigError("model=hf needs model.name_or_path=<hub id or local directory>")
+    return cfg
+
+
+def _check_missing(cfg: DictConfig, prefix: str = "") -> None:
+    for key in cfg:
+        full = f"{prefix}{key}"
+        if OmegaConf.is_missing(cfg, key):
+            raise ConfigError(f"{full} is required: set it on the command line, e.g. `{full}=...`")
+        value = cfg[key]
+        if isinstance(value, DictConfig):
+            _check_missing(value, f"{full}.")
+
+
+def _valid_keys(stage: str, parent: str) -> list[str]:
+    node: Any = OmegaConf.structured(STAGE_SCHEMAS[stage])
+    for part in [p for p in parent.split(".") if p]:
+        node = node.get(part) if isinstance(node, DictConfig) else None
+    return [str(k) for k in node] if isinstance(node, DictConfig) else []
+
+
+def _explain(exc: Exception, stage: str) -> str:
+    """Turn Hydra/OmegaConf exception text into one actionable line."""
+    causes = [exc]
+    while causes[-1].__cause__ is not None:
+        causes.append(causes[-1].__cause__)
+    text = "\n".join(str(c) for c in causes)
+    full_key = next((c.full_key for c in causes if getattr(c, "full_key", None)), None) or _search(r"full_key: (\S+)", text)
+    missing_option = _search(r"Could not find '([^']+)'", text)
+    if missing_option and "/" in missing_option:
+        group, option = missing_option.split("/", 1)
+        options = group_options().get(group, [])
+        close = difflib.get_close_matches(option, options, n=1)
+        hint = f" Did you mean {group}={close[0]}?" if close else ""
+        return f"unknown option {option!r} for config group {group!r}.{hint} Valid: {', '.join(options)}."
+    not_in = re.search(r"Key '([^']+)' (?:not in|is not in) '?([^'\n]*)'?", text)
+    if full_key and (not_in or "not in struct" in text or "ConfigKeyError" in type(exc).__name__):
+        parent, _, leaf = full_key.rpartition(".")
+        valid = _valid_keys(stage, parent)
+        close = difflib.get_close_matches(leaf, valid, n=3)
+        hint = f" Did you mean {', '.join(f'{parent}.{c}'.lstrip('.') for c in close)}?" if close else ""
+        listing = f" Valid keys{' under ' + repr(parent) if parent else ''}: {', '.join(valid)}." if valid else ""
+        return f"unknown config key {full_key!r}.{hint}{listing}"
+    converted = re.search(r"Value '(.*)' of type '(\w+)' could not be converted to (\w+)", text)
+    if converted and full_key:
+        return f"{full_key}: expected {converted.group(3).lower()}, got {converted.group(1)!r}."
+    if isinstance(exc, OverrideParseException):
+        return f"{text.splitlines()[0]}: overrides are key=value, group=option, +new.key=value or ~key."
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+    return f"{first}{f' (key {full_key})' if full_key and full_key not in first else ''}"
+
+
+def _search(pattern: str, text: str) -> Optional[str]:
+    match = re.search(pattern, text)
+    return match.group(1) if match else None

@@ -1,0 +1,131 @@
+"""Resumable checkpoints and Hugging Face exports, written atomically.
+
+Layout of run.dir/checkpoints:
+    step_00000100/            one finished checkpoint (renamed into place only when complete)
+        <role>/...            DeepSpeed engine state per trainable role (model, optimizer, scheduler)
+        rng_rank<r>.pt        python/numpy/torch RNG states of each rank
+        trainer_state.json    step, samples seen, controllers: everything else needed to continue
+    latest                    name of the newest finished checkpoint (replaced atomically)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from rlhf.engine import distributed as dist
+from rlhf.errors import RLHFError
+
+STATE_FILE = "trainer_state.json"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(root: Path, step: int, engines: Mapping[str, Any], state: Mapping[str, Any],
+                    keep_last: int) -> Path:
+    """Write step_<N> under root via a temporary directory, then rename it into place (all ranks call this)."""
+    name = f"step_{step:08d}"
+    tmp, final = root / f".tmp_{name}", root / name
+    if dist.is_main():
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    for role, engine in engines.items():
+        engine.save_checkpoint(str(tmp), tag=role, save_latest=False)
+    torch.save(rng_state(), tmp / f"rng_rank{dist.rank()}.pt")
+    dist.barrier()
+    if dist.is_main():
+        (tmp / STATE_FILE).write_text(json.dumps(dict(state), indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _atomic_write_text(root / "latest", name)
+        for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-max(1, keep_last)]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def find_checkpoint(run_dir: Path, resume: Any) -> Path | None:
+    """The checkpoint run.resume points at: true -> the latest in run_dir, a path -> that one, false -> none."""
+    if resume in (False, None, "false", "False", ""):
+        return None
+    if resume in (True, "true", "True"):
+        root = run_dir / "checkpoints"
+        latest = root / "latest"
+        if latest.exists() and (root / latest.read_text().strip()).is_dir():
+            return root / latest.read_text().strip()
+        finished = sorted(p for p in root.glob("step_*") if p.is_dir())
+        if finished:
+            return finished[-1]
+        raise RLHFError(f"run.resume=true but {root} holds no finished checkpoint; start without run.resume "
+                        "(add run.overwrite=true to reuse the directory)")
+    path = Path(str(resume))
+    if path.is_dir() and (path / "latest").exists():
+        path = path / (path / "latest").read_text().strip()
+    elif path.is_dir() and (path / "checkpoints").is_dir():
+        return find_checkpoint(path, True)
+    if not (path / STATE_FILE).exists():
+        raise RLHFError(f"run.resume={resume}: {path} is not a checkpoint directory (no {STATE_FILE})")
+    return path
+
+
+def load_checkpoint(path: Path, engines: Mapping[str, Any]) -> dict[str, Any]:
+    """Restore engines and this rank's RNG; returns the trainer state saved with the checkpoint."""
+    for role, engine in engines.items():
+        loaded, _ = engine.load_checkpoint(str(path), tag=role, load_module_strict=True)
+        if loaded is None:
+            raise RLHFError(f"checkpoint {path} has no state for {role!r}")
+    rng_file = path / f"rng_rank{dist.rank()}.pt"
+    if rng_file.exists():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return json.loads((path / STATE_FILE).read_text())
+
+
+def full_state_dict(engine) -> dict[str, torch.Tensor] | None:
+    """The whole model's weights on rank 0 (gathered from shards under ZeRO-3); None on other ranks."""
+    from rlhf.engine.engine import zero_stage
+
+    if zero_stage(engine) == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()
+        return state if dist.is_main() else None
+    return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()} if dist.is_main() else None
+
+
+def save_pretrained(model: torch.nn.Module, tokenizer, path: Path, state_dict=None, extra_files=None) -> None:
+    """Write a Hugging Face directory (model + tokenizer) via a temporary sibling, then rename it into place."""
+    if not dist.is_main():
+        return
+    tmp = path.with_name(f".tmp_{path.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, state_dict=state_dict)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    for name, content in (extra_files or {}).items():
+        (tmp / name).write_text(content)
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)

@@ -1,0 +1,88 @@
+"""Process-group set-up and the few collectives the trainers need."""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+from typing import Mapping
+
+import torch
+import torch.distributed as dist
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(timeout_s: float = 600.0) -> None:
+    """Join (or create) the process group DeepSpeed will use.
+
+    A plain `rlhf sft` is world size 1 without a launcher: we set RANK/WORLD_SIZE/MASTER_* ourselves,
+    because deepspeed.init_distributed otherwise falls back to MPI discovery and fails without mpi4py.
+    """
+    import deepspeed
+
+    if dist.is_available() and dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                               timeout=timedelta(seconds=timeout_s))
+
+
+def shutdown() -> None:
+    """Destroy the process group: leaving it to interpreter exit aborts the process on CPU (exit 134)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def all_reduce_sum(values: Mapping[str, float]) -> dict[str, float]:
+    """Sum a dict of floats over ranks (one collective for all of them)."""
+    keys = sorted(values)
+    if world_size() == 1 or not keys:
+        return {k: float(values[k]) for k in keys}
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device())
+    dist.all_reduce(t)
+    return dict(zip(keys, t.tolist()))
+
+
+def all_reduce_mean(values: Mapping[str, float]) -> dict[str, float]:
+    n = world_size()
+    return {k: v / n for k, v in all_reduce_sum(values).items()}
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    if world_size() == 1:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]

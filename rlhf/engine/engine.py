@@ -1,0 +1,107 @@
+"""DeepSpeed engines for trainable models, built from one run config."""
+
+from __future__ import annotations
+
+import copy
+import math
+from functools import partial
+from typing import Any, Mapping
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from rlhf.errors import ConfigError
+
+
+def deep_merge(base: dict, extra: Mapping) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def deepspeed_config(cfg: DictConfig, world_size: int, lr: float | None = None) -> dict[str, Any]:
+    """The DeepSpeed config: the conf/deepspeed fragment, values derived from the run, then raw overrides."""
+    trainer = cfg.trainer
+    if trainer.micro_batch_size < 1 or trainer.grad_accum < 1:
+        raise ConfigError(
+            f"trainer.micro_batch_size ({trainer.micro_batch_size}) and trainer.grad_accum ({trainer.grad_accum}) "
+            "must both be at least 1"
+        )
+    dtype = cfg.model.dtype
+    derived: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": trainer.micro_batch_size,
+        "gradient_accumulation_steps": trainer.grad_accum,
+        "train_batch_size": trainer.micro_batch_size * trainer.grad_accum * world_size,
+        "gradient_clipping": float(trainer.max_grad_norm),
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": float(trainer.lr if lr is None else lr),
+                "betas": [float(b) for b in trainer.betas],
+                "eps": 1e-8,
+                "weight_decay": float(trainer.weight_decay),
+            },
+        },
+        "bf16": {"enabled": dtype == "bf16"},
+        "fp16": {"enabled": dtype == "fp16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    fragment = OmegaConf.to_container(cfg.deepspeed.config, resolve=True) or {}
+    overrides = OmegaConf.to_container(cfg.deepspeed.overrides, resolve=True) or {}
+    return deep_merge(deep_merge(derived, fragment), overrides)
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, kind: str, min_ratio: float) -> float:
+    """Linear warm-up to 1, then cosine/linear decay to min_ratio (or constant)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if kind == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if kind == "cosine":
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    if kind == "linear":
+        return 1 - (1 - min_ratio) * progress
+    raise ConfigError(f"trainer.lr_scheduler must be cosine, linear or constant, got {kind!r}")
+
+
+def build_engine(model: torch.nn.Module, cfg: DictConfig, world_size: int, lr: float | None = None):
+    """deepspeed.initialize with AdamW and our warm-up/decay schedule (its state is checkpointed by DeepSpeed)."""
+    import deepspeed
+
+    trainer = cfg.trainer
+    lr_factor(0, trainer.warmup_steps, trainer.max_steps, trainer.lr_scheduler, trainer.min_lr_ratio)
+    schedule = partial(lr_factor, warmup_steps=trainer.warmup_steps, total_steps=trainer.max_steps,
+                       kind=trainer.lr_scheduler, min_ratio=trainer.min_lr_ratio)
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=params,
+        config=deepspeed_config(cfg, world_size, lr),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+    )
+    return engine
+
+
+def zero_stage(engine) -> int:
+    return int(engine.zero_optimization_stage()) if hasattr(engine, "zero_optimization_stage") else 0
+
+
+def optimizer_step(engine) -> float | None:
+    """engine.step() for one micro-batch; at an accumulation boundary returns the global gradient norm
+    before clipping (DeepSpeed reports it for ZeRO/mixed-precision optimizers but not for plain fp32 ZeRO-0)."""
+    norm = None
+    boundary = engine.is_gradient_accumulation_boundary()
+    if boundary and zero_stage(engine) == 0 and not (engine.bfloat16_enabled() or engine.fp16_enabled()):
+        grads = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
+        norm = float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
+    engine.step()
+    if boundary and norm is None:
+        reported = engine.get_global_grad_norm()
+        norm = float(reported) if reported is not None else None
+    return norm

@@ -1,0 +1,211 @@
+"""Rule-based rewards with TRL's signature: f(prompts, completions, **columns) -> list[float | None].
+
+`completions` holds strings, or for chat data message lists like [{"role": "assistant", "content": ...}].
+Dataset columns arrive as keyword arguments (the accuracy reward reads `answer`). None means "no
+opinion on this row" (TRL skips it when summing several reward functions).
+"""
+
+from __future__ import annotations
+
+import re
+from fractions import Fraction
+from typing import Any, Callable, Optional
+
+from rlhf.errors import RewardError
+from rlhf.registry import Registry
+
+RewardFunc = Callable[..., list]
+REWARD_FUNCS: Registry[RewardFunc] = Registry("reward function")
+
+# The innermost <answer>...</answer> pairs: in "<answer><answer>5</answer></answer>" the answer is 5.
+_ANSWER_TAG = re.compile(r"<answer>((?:(?!<answer>).)*?)</answer>", re.DOTALL)
+_GSM8K_ANSWER = re.compile(r"####[ \t]*([^\n]*)")
+# gsm8k's grader reads the number right after ####, so "#### 72 dollars" answers 72.
+_LEADING_NUMBER = re.compile(r"[-+\u2212]?\$?\s*\d(?:[\d,]*\d)?(?:\.\d+)?(?:\s*/\s*\d+)?")
+_R1 = re.compile(r"\s*<think>(?P<think>.*?)</think>\s*<answer>(?P<answer>.*?)</answer>\s*", re.DOTALL)
+_R1_OPENED = re.compile(r"(?P<think>.*?)</think>\s*<answer>(?P<answer>.*?)</answer>\s*", re.DOTALL)
+_ANY_TAG = re.compile(r"</?(?:think|answer)>")
+_DECIMAL = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+_THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d*)?")
+_LATEX_FRAC = re.compile(r"([+-]?)\\[dt]?frac\{([^{}]+)\}\{([^{}]+)\}")
+_SLASH_FRAC = re.compile(r"([^/]+)/([^/]+)")
+
+
+def _last_boxed(text: str) -> Optional[str]:
+    """Content of the last \\boxed{...}, braces balanced; None if there is none or it never closes."""
+    start = text.rfind("\\boxed")
+    if start < 0:
+        return None
+    i = start + len("\\boxed")
+    while i < len(text) and text[i].isspace():
+        i += 1
+    if i >= len(text) or text[i] != "{":
+        return None
+    depth = 0
+    for j in range(i, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i + 1 : j]
+    return None
+
+
+def extract_answer(text: Any) -> Optional[str]:
+    """The final answer in a completion: the last <answer>...</answer>, else gsm8k's `#### N`, else the
+    last \\boxed{...}. A \\boxed{} inside the answer tags is unwrapped. None when there is none."""
+    if not isinstance(text, str):
+        return None
+    tagged = _ANSWER_TAG.findall(text)
+    if tagged:
+        inner = tagged[-1]
+        boxed = _last_boxed(inner)
+        return (boxed if boxed is not None else inner).strip()
+    marked = _GSM8K_ANSWER.findall(text)
+    if marked:
+        number = _LEADING_NUMBER.match(marked[-1])
+        return (number[0] if number else marked[-1]).strip()
+    boxed = _last_boxed(text)
+    return boxed.strip() if boxed is not None else None
+
+
+def _exact_number(s: str) -> Optional[Fraction]:
+    # Exact rationals, so that 3/4 == 0.75 holds and large sums that differ in one digit never compare equal.
+    s = s.strip().replace("\u2212", "-").replace("\\$", "").replace("$", "")
+    s = s.strip().rstrip(".").removesuffix("%").strip()
+    if not s:
+        return None
+    frac = _LATEX_FRAC.fullmatch(s)
+    if frac:
+        s = f"{frac[1]}{frac[2]}/{frac[3]}"
+    slash = _SLASH_FRAC.fullmatch(s)
+    if slash:
+        num, den = _exact_number(slash[1]), _exact_number(slash[2])
+        if num is None or den is None or den == 0:
+            return None
+        return num / den
+    if _THOUSANDS.fullmatch(s):
+        s = s.replace(",", "")
+    if _DECIMAL.fullmatch(s):
+        return Fraction(s)
+    return None
+
+
+def parse_number(s: Any) -> Optional[float]:
+    """A number written the ways answers are written: `1,000`, `$5`, ` 5. `, `-3`, `5.0`, `3/4`, `\\frac{3}{4}`,
+    `50%` (read as 50). None when `s` is not one."""
+    if isinstance(s, bool):
+        return None
+    if isinstance(s, (int, float)):
+        return float(s)
+    if not isinstance(s, str):
+        return None
+    value = _exact_number(s)
+    return None if value is None else float(value)
+
+
+def _normalise_text(s: str) -> str:
+    return " ".join(s.casefold().split()).rstrip(".").strip()
+
+
+def answers_match(predicted: str, reference: str) -> bool:
+    """Numeric equality when both parse as numbers, else equality of case- and whitespace-normalised text."""
+    p, r = _exact_number(predicted), _exact_number(reference)
+    if r is not None:
+        return p is not None and p == r
+    return _normalise_text(predicted) == _normalise_text(reference)
+
+
+def _reference_answer(gold: Any) -> Optional[str]:
+    """The row's `answer`: a plain value, or a full solution ending in `#### N` / \\boxed{N}. None when absent."""
+    if gold is None or isinstance(gold, bool):
+        return None
+    if isinstance(gold, (int, float)):
+        return str(gold)
+    if not isinstance(gold, str):
+        return None
+    found = extract_answer(gold)
+    ref = found if found is not None else gold.strip()
+    return ref or None
+
+
+def completion_text(completion: Any, index: int = 0) -> str:
+    """A completion as text: the string itself, or the contents of a chat completion's messages."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, dict) and isinstance(completion.get("content"), str):
+        return completion["content"]
+    if isinstance(completion, (list, tuple)) and all(
+        isinstance(m, dict) and isinstance(m.get("content"), str) for m in completion
+    ):
+        return "\n".join(m["content"] for m in completion)
+    raise RewardError(
+        f"completion {index} is a {type(completion).__name__}; expected a string or a list of "
+        f'{{"role": ..., "content": str}} messages'
+    )
+
+
+def _prompt_text(prompt: Any) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[-1], dict):
+        content = prompt[-1].get("content")
+        return content if isinstance(content, str) else ""
+    return ""
+
+
+def _column(columns: dict, name: str, n: int, reward: str) -> list:
+    if name not in columns:
+        present = ", ".join(sorted(columns)) or "none"
+        raise RewardError(
+            f"the {reward} reward needs an `{name}` column in the data; columns passed: {present}"
+        )
+    values = list(columns[name])
+    if len(values) != n:
+        raise RewardError(f"the {reward} reward got {n} completions but {len(values)} `{name}` values")
+    return values
+
+
+@REWARD_FUNCS.register("accuracy")
+def accuracy_reward(prompts: list, completions: list, **columns: Any) -> list[Optional[float]]:
+    """1.0 when the completion's final answer (extract_answer) equals the row's `answer`, else 0.0.
+
+    Numbers compare exactly as rationals (`1,000` == `1000`, `5.0` == `5`, `3/4` == `0.75`); other answers as
+    normalised text. The `answer` column may be a plain value or a gsm8k solution ending in `#### N`.
+    None for rows without an answer.
+    """
+    answers = _column(columns, "answer", len(completions), "accuracy")
+    rewards: list[Optional[float]] = []
+    for i, (completion, gold) in enumerate(zip(completions, answers)):
+        reference = _reference_answer(gold)
+        if reference is None:
+            rewards.append(None)
+            continue
+        predicted = extract_answer(completion_text(completion, i))
+        rewards.append(1.0 if predicted is not None and answers_match(predicted, reference) else 0.0)
+    return rewards
+
+
+def has_r1_format(completion: str, think_opened: bool = False) -> bool:
+    """Exactly `<think>...</think><answer>...</answer>` with only whitespace around and between the blocks
+    and no stray tags inside them. think_opened: the prompt already opened `<think>`, so the completion
+    starts inside the think block."""
+    match = (_R1_OPENED if think_opened else _R1).fullmatch(completion)
+    return bool(match) and not _ANY_TAG.search(match["think"]) and not _ANY_TAG.search(match["answer"])
+
+
+@REWARD_FUNCS.register("format")
+def format_reward(prompts: Optional[list], completions: list, **columns: Any) -> list[float]:
+    """1.0 for completions in DeepSeek-R1's `<think>...</think><answer>...</answer>` shape, else 0.0.
+
+    A prompt ending in `<think>` (as R1-style templates emit) counts as an opened think block.
+    """
+    if prompts is None:
+        prompts = [""] * len(completions)
+    if len(prompts) != len(completions):
+        raise RewardError(f"the format reward got {len(completions)} completions but {len(prompts)} prompts")
+    return [
+        1.0 if has_r1_format(completion_text(c, i), _prompt_text(p).rstrip().endswith("<think>")) else 0.0
+        for i, (p, c) in enumerate(zip(prompts, completions))
+    ]

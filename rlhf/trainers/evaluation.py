@@ -1,0 +1,77 @@
+"""Held-out evaluation shared by every policy stage and `rlhf eval`: greedy answers scored by rule rewards."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from omegaconf import DictConfig
+
+from rlhf.data.tokenize import encode_prompt, render_prompt
+from rlhf.engine import distributed as dist
+from rlhf.rewards.rules import REWARD_FUNCS
+from rlhf.rollout.generation import SamplingParams, generate
+
+
+@dataclass
+class HeldOut:
+    """Held-out prompts, already rendered and encoded once, with the rows their rewards need."""
+
+    rows: list[dict[str, Any]]
+    prompts: list[str]
+    prompt_ids: list[list[int]]
+
+    @classmethod
+    def build(cls, rows: Sequence[Mapping[str, Any]], tokenizer, data_cfg: DictConfig,
+              limit: int | None = None) -> "HeldOut":
+        rows = [dict(r) for r in rows][: limit or None]
+        rendered = [render_prompt(r, tokenizer, data_cfg) for r in rows]
+        ids = [encode_prompt(text, chat, tokenizer) for text, chat in rendered]
+        return cls(rows, [t for t, _ in rendered], ids)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def score_completions(held_out: HeldOut, indices: Sequence[int], completions: Sequence[str]) -> dict[str, float]:
+    """Sums (not means) of accuracy, format and length over the given rows, to be reduced across ranks."""
+    prompts = [held_out.prompts[i] for i in indices]
+    columns = {k: [held_out.rows[i].get(k) for i in indices] for k in held_out.rows[0] if k != "prompt"}
+    sums = {"n": float(len(indices)), "format": 0.0, "correct": 0.0, "n_answer": 0.0}
+    for value in REWARD_FUNCS.get("format")(prompts, list(completions), **columns):
+        sums["format"] += value or 0.0
+    if "answer" in columns:
+        for value in REWARD_FUNCS.get("accuracy")(prompts, list(completions), **columns):
+            if value is not None:
+                sums["correct"] += value
+                sums["n_answer"] += 1
+    return sums
+
+
+def evaluate_policy(model, tokenizer, held_out: HeldOut, eval_cfg: DictConfig, synced_gpus: bool = False,
+                    samples_file: Path | None = None) -> dict[str, float]:
+    """Greedy decoding on this rank's share of the held-out prompts; metrics reduced over ranks."""
+    if len(held_out) == 0:
+        return {}
+    mine = list(range(dist.rank(), len(held_out), dist.world_size()))
+    params = SamplingParams(max_new_tokens=eval_cfg.max_new_tokens, greedy=True)
+    responses = generate(model, [held_out.prompt_ids[i] for i in mine], tokenizer.pad_token_id,
+                         tokenizer.eos_token_id, params, eval_cfg.batch_size, synced_gpus=synced_gpus)
+    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    sums = score_completions(held_out, mine, texts)
+    sums["length"] = float(sum(len(r) for r in responses))
+    sums["truncated"] = float(sum(tokenizer.eos_token_id not in r for r in responses))
+    total = dist.all_reduce_sum(sums)
+    n = max(total["n"], 1.0)
+    metrics = {"eval/format_rate": total["format"] / n, "eval/response_length": total["length"] / n,
+               "eval/truncation_rate": total["truncated"] / n}
+    if total["n_answer"] > 0:
+        metrics["eval/accuracy"] = total["correct"] / total["n_answer"]
+    if samples_file is not None and dist.is_main():
+        with samples_file.open("w") as f:
+            for i, text in list(zip(mine, texts))[:32]:
+                f.write(json.dumps({"prompt": held_out.prompts[i], "completion": text,
+                                    "answer": held_out.rows[i].get("answer")}) + "\n")
+    return metrics

@@ -1,0 +1,34 @@
+"""Placing sequence scores on the last response token, and the KL-shaped per-token reward."""
+
+import pytest
+import torch
+
+from rlhf.algos.reward_shaping import kl_shaped_rewards, place_sequence_rewards
+
+
+def test_score_lands_on_the_last_real_token_never_on_padding():
+    action_mask = torch.tensor(
+        [
+            [1, 1, 1, 0, 0],  # right padding
+            [0, 0, 1, 1, 1],  # prompt positions before the response, no padding after
+            [0, 1, 1, 0, 0],  # both
+            [0, 0, 0, 0, 0],  # nothing generated: nothing to credit
+        ]
+    )
+    rewards = place_sequence_rewards(torch.tensor([1.0, 2.0, 3.0, 4.0]), action_mask)
+    expected = torch.zeros(4, 5)
+    expected[0, 2], expected[1, 4], expected[2, 2] = 1.0, 2.0, 3.0
+    torch.testing.assert_close(rewards, expected)
+
+
+def test_kl_shaped_rewards():
+    action_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    kl = torch.tensor([[0.1, 0.2, 0.3, float("nan")], [0.5, -0.5, 7.0, 7.0]])
+    rewards = kl_shaped_rewards(torch.tensor([1.0, -1.0]), kl, kl_coef=0.1, action_mask=action_mask)
+    assert rewards[0].tolist() == pytest.approx([-0.01, -0.02, 1.0 - 0.03, 0.0])
+    assert rewards[1].tolist() == pytest.approx([-0.05, -1.0 + 0.05, 0.0, 0.0])
+
+
+def test_shapes_are_checked():
+    with pytest.raises(ValueError, match="scores must be"):
+        place_sequence_rewards(torch.ones(3), torch.ones(2, 4))

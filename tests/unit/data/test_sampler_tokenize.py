@@ -1,0 +1,71 @@
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from rlhf.config import DataConfig
+from rlhf.data.sampler import StepSampler
+from rlhf.data.tokenize import Encoded, collate_lm, collate_prompts, encode_rows, render_prompt
+from rlhf.errors import DataError
+from rlhf.models.tokenizer import build_char_tokenizer
+
+
+def test_sampler_covers_each_epoch_once_and_is_seeded():
+    s = StepSampler(10, seed=3)
+    first = s.indices(0, 10)
+    assert sorted(first) == list(range(10))
+    assert s.indices(0, 10) == first
+    assert StepSampler(10, seed=4).indices(0, 10) != first
+    assert sorted(s.indices(10, 10)) == list(range(10))
+
+
+def test_sampler_position_in_samples_is_world_size_independent():
+    s = StepSampler(37, seed=0)
+    one = [i for step in range(5) for i in s.rank_indices(step * 8, 8, 0, 1)]
+    two = [i for step in range(5) for r in range(2) for i in s.rank_indices(step * 8, 8, r, 2)]
+    four = [i for step in range(5) for r in range(4) for i in s.rank_indices(step * 8, 8, r, 4)]
+    assert one == two == four
+
+
+def _data_cfg(**kw):
+    return OmegaConf.merge(OmegaConf.structured(DataConfig), kw)
+
+
+def test_collate_lm_masks_only_completion_targets():
+    batch = collate_lm([Encoded([5, 6, 7], [8, 9]), Encoded([5], [8, 9, 10])], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9], [5, 8, 9, 10, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    # loss_mask[t] covers predicting input_ids[t+1]
+    assert batch["loss_mask"].tolist() == [[0, 0, 1, 1], [1, 1, 1, 0]]
+
+
+def test_collate_prompts_left_pads():
+    batch = collate_prompts([[1, 2, 3], [4]], pad_id=0)
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [0, 0, 4]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_long_prompts_dropped_or_refused():
+    tok = build_char_tokenizer()
+    rows = [{"prompt": "1+1=", "completion": "2"}, {"prompt": "x" * 50, "completion": "y"}]
+    enc, kept, dropped = encode_rows(rows, tok, _data_cfg(max_prompt_length=10), "completion", "f.jsonl")
+    assert kept == [0] and dropped == 1
+    assert enc[0].response_ids[-1] == tok.eos_token_id
+    with pytest.raises(DataError, match=r"f.jsonl: row 1: prompt is 50 tokens"):
+        encode_rows(rows, tok, _data_cfg(max_prompt_length=10, on_long_prompt="error"), "completion", "f.jsonl")
+
+
+def test_responses_truncated_to_max_length():
+    tok = build_char_tokenizer()
+    enc, _, _ = encode_rows([{"prompt": "ab", "completion": "c" * 20}], tok, _data_cfg(max_length=8), "completion", "x")
+    assert len(enc[0].prompt_ids) + len(enc[0].response_ids) == 8
+
+
+def test_prompt_template_and_chat_rendering():
+    tok = build_char_tokenizer()
+    text, chat = render_prompt({"prompt": "2+2", "answer": "4"}, tok, _data_cfg(prompt_template="Q: {prompt} A:"))
+    assert (text, chat) == ("Q: 2+2 A:", False)
+    messages = [{"role": "user", "content": "hi"}]
+    text, chat = render_prompt({"prompt": messages}, tok, _data_cfg())
+    assert chat and text == tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    with pytest.raises(DataError, match="not a column"):
+        render_prompt({"prompt": "x"}, tok, _data_cfg(prompt_template="{question}"))

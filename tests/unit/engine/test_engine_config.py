@@ -1,0 +1,38 @@
+import pytest
+
+from rlhf.config import load_config
+from rlhf.engine.engine import deep_merge, deepspeed_config, lr_factor
+from rlhf.errors import ConfigError
+
+
+def test_deepspeed_config_derived_from_run():
+    cfg = load_config("sft", ["trainer.micro_batch_size=4", "trainer.grad_accum=3", "trainer.lr=2e-4",
+                              "deepspeed=zero2", "+deepspeed.overrides.zero_optimization.reduce_bucket_size=1000"])
+    ds = deepspeed_config(cfg, world_size=2)
+    assert ds["train_batch_size"] == 4 * 3 * 2
+    assert ds["gradient_accumulation_steps"] == 3
+    assert ds["optimizer"]["params"]["lr"] == 2e-4
+    assert ds["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000}
+    assert ds["bf16"]["enabled"] is False
+
+
+def test_zero_accumulation_refused_with_the_keys_to_change():
+    cfg = load_config("sft", ["trainer.grad_accum=0"])
+    with pytest.raises(ConfigError, match="trainer.grad_accum"):
+        deepspeed_config(cfg, world_size=1)
+
+
+def test_deep_merge_keeps_siblings():
+    assert deep_merge({"a": {"b": 1, "c": 2}}, {"a": {"c": 3}, "d": 4}) == {"a": {"b": 1, "c": 3}, "d": 4}
+
+
+def test_lr_schedule_shapes():
+    assert lr_factor(0, 10, 100, "cosine", 0.1) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 100, "cosine", 0.1) == pytest.approx(1.0)
+    assert lr_factor(10, 10, 100, "cosine", 0.1) == pytest.approx(1.0)
+    assert lr_factor(55, 10, 100, "cosine", 0.1) == pytest.approx(0.55)
+    assert lr_factor(100, 10, 100, "cosine", 0.1) == pytest.approx(0.1)
+    assert lr_factor(55, 10, 100, "linear", 0.0) == pytest.approx(0.5)
+    assert lr_factor(99, 0, 100, "constant", 0.1) == 1.0
+    with pytest.raises(ConfigError, match="lr_scheduler"):
+        lr_factor(50, 10, 100, "exp", 0.1)
