@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from rlhf.algos.logprobs import token_logprobs
 
 
 def sft_loss(logits: Tensor, input_ids: Tensor, loss_mask: Tensor, num_tokens: float | Tensor) -> Tensor:
@@ -17,7 +17,5 @@ def sft_loss(logits: Tensor, input_ids: Tensor, loss_mask: Tensor, num_tokens: f
     losses is the step's token mean however the step is split (the "token-mean" of DAPO, arXiv:2503.14476).
     Standard causal-LM maximum likelihood (Radford et al. 2018); completion-only masking as in InstructGPT's SFT.
     """
-    targets = input_ids[:, 1:]
-    logits = logits[:, :-1].float()
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-    return (nll.view_as(targets) * loss_mask).sum() / num_tokens
+    logprobs = token_logprobs(logits[:, :-1], input_ids[:, 1:])  # chunked: no float32 copy of all logits
+    return -(logprobs * loss_mask).sum() / num_tokens

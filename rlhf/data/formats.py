@@ -259,9 +259,8 @@ def _parse_row(row: dict, i: int, fmt: str, kind: str, source: str) -> dict:
             raise DataError(
                 f"{source}: column 'responses' {found} at row {i}; expected a list of at least 2 responses, best first"
             )
-        return {"prompt": prompt, "responses": [
-            _reply(r, f"responses[{k}]", i, source) for k, r in enumerate(responses)
-        ]}
+        replies = [_reply(r, f"responses[{k}]", i, source) for k, r in enumerate(responses)]
+        return {"prompt": prompt, "responses": replies}
     raise AssertionError(f"unhandled layout {fmt}")
 
 

@@ -74,6 +74,7 @@ def _parse_jsonl(text: str, path: Path) -> Rows:
 
 
 def _parse_json(text: str, path: Path) -> Rows:
+    """A list of row objects, {"<name>": [rows]}, an object of equal-length column lists, or JSON Lines."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -85,9 +86,9 @@ def _parse_json(text: str, path: Path) -> Rows:
     if isinstance(data, dict):
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(data) == 1 and lists and all(isinstance(r, dict) for r in lists[0]):
-            data = lists[0]  # {"data": [{...}, ...]}
+            data = lists[0]
         elif data and len(lists) == len(data) and len({len(v) for v in lists}) == 1:
-            data = [dict(zip(data, values)) for values in zip(*data.values())]  # column-oriented
+            data = [dict(zip(data, values)) for values in zip(*data.values())]
         else:
             raise DataError(f"{path}: expected a list of row objects, or an object of equal-length column lists")
     if not isinstance(data, list):

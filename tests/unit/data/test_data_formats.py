@@ -194,9 +194,11 @@ def test_invalid_preference_pairs_are_dropped_and_counted():
 
 
 def test_invalid_ranked_and_conversational_rows():
-    ranked = Dataset.from_list([{"prompt": "p", "responses": ["a", "b", "a"]}, {"prompt": "p", "responses": ["a", "c"]}])
+    ranked = Dataset.from_list([{"prompt": "p", "responses": ["a", "b", "a"]}, {"prompt": "q", "responses": ["c"]}])
     with pytest.raises(DataError, match="row 0: responses 0 and 2 are identical"):
         drop_invalid_preferences(ranked, "error")
+    with pytest.raises(DataError, match="all 2 preference rows are invalid \\(first: row 0: responses 0 and 2"):
+        drop_invalid_preferences(ranked)
     chat = Dataset.from_list(
         [
             {"prompt": [user("q")], "chosen": [assistant("a")], "rejected": [assistant("")]},

@@ -167,8 +167,7 @@ def test_accuracy_reward_without_an_answer_column_names_the_columns_it_got():
         ("1+1= <think>", "<think>a</think><answer>2</answer>", 0.0),  # a second <think> inside
         ("1+1= <think>", "a<answer>2</answer>", 0.0),
         ([{"role": "user", "content": "1+1= <think>"}], "a</think><answer>2</answer>", 1.0),
-        ([{"role": "user", "content": "1+1="}], [{"role": "assistant", "content": "<think>a</think><answer>2</answer>"}],
-         1.0),
+        ([{"role": "user", "content": "1+1="}], [{"role": "assistant", "content": R1}], 1.0),
         ([{"role": "user", "content": "1+1="}], [{"role": "assistant", "content": "2"}], 0.0),
     ],
 )
