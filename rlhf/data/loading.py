@@ -186,9 +186,31 @@ def _load_hub(cfg: Any, split: str) -> tuple[Rows, list[str], str]:
     return ds.to_list(), list(ds.column_names), f"{source} [{split}]"
 
 
+def _load_saved(root: Path, split: str) -> tuple[Rows, list[str], str]:
+    """A directory written by Dataset(Dict).save_to_disk: its .json files are metadata, not rows."""
+    try:
+        saved = datasets.load_from_disk(str(root))
+    except Exception as e:
+        raise DataError(f"{root}: cannot load this save_to_disk directory ({type(e).__name__}: {e})") from e
+    if isinstance(saved, datasets.DatasetDict):
+        if split not in saved:
+            raise DataError(f"{root}: no split {split!r}; splits found: {', '.join(saved)}")
+        saved = saved[split]
+    elif split != "train":
+        raise DataError(
+            f"{root}: a saved Dataset is one 'train' split and has no {split!r} split; set data.eval_split=null "
+            f"to hold out data.eval_size rows"
+        )
+    return saved.to_list(), list(saved.column_names), f"{root} [{split}]"
+
+
 def _load_split(cfg: Any, kind: str, split: str) -> Dataset:
     """One split of data.path, canonical for `kind`."""
     path = Path(str(cfg.path)).expanduser()
+    if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
+        rows, present, source = _load_saved(path, split)
+        converted, _ = canonical_rows(rows, present, cfg.format, kind, cfg.columns, source)
+        return rows_to_dataset(converted, source)
     if path.is_file() or path.is_dir():
         if path.is_file():
             if split != "train":

@@ -7,8 +7,8 @@ copies its mistake, and RL against the `accuracy` verifier can then remove it (a
 is small and imperfect; the verifier does the rest).
 
 Every function here is pure and deterministic in (config, split, seed). Train and test are disjoint by
-construction: a stable hash of the pair (a, b) decides its split, so the test set never depends on
-num_train, on the seed used for training, or on the stage asking.
+construction: a stable hash of the pair (a, b) puts it in one pool or the other, whatever num_train, the
+seed or the stage asking, so no seed's training rows can reach any seed's test rows.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ _ENUMERATE_MAX = 200_000
 
 
 def _mix64(x: int) -> int:
-    """splitmix64's finaliser: a stable integer hash (Python's hash() is salted per process for str)."""
+    """splitmix64's finaliser: stable across processes and well mixed (hash() of an int is the int itself)."""
     x = (x + 0x9E3779B97F4A7C15) & _MASK64
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64

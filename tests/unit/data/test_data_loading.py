@@ -6,7 +6,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pandas as pd
 import pytest
-from datasets import Dataset
+from datasets import Dataset, DatasetDict
+from omegaconf import OmegaConf
 
 from rlhf.config import ArithmeticConfig, DataConfig
 from rlhf.data import load_rows
@@ -75,6 +76,20 @@ def test_messages_and_column_mapping_from_a_file(tmp_path):
     assert ds[2]["completion"] == "4"
 
 
+def test_the_composed_hydra_config_works_as_well_as_the_dataclass(tmp_path):
+    path = write(tmp_path / "qa.jsonl", [{"q": "1+1=", "a": 2}, {"q": "2+2=", "a": 4}])
+    config = OmegaConf.merge(
+        OmegaConf.structured(DataConfig), {"path": str(path), "eval_size": 1, "columns": {"prompt": "q", "answer": "a"}}
+    )
+    train, held_out = load_rows(config, "prompt", "train", 0), load_rows(config, "prompt", "eval", 0)
+    assert sorted(train.to_list() + held_out.to_list(), key=str) == [
+        {"prompt": "1+1=", "answer": "2"},
+        {"prompt": "2+2=", "answer": "4"},
+    ]
+    builtin = OmegaConf.merge(OmegaConf.structured(DataConfig), {"arithmetic": {"num_train": 5}})
+    assert len(load_rows(builtin, "sft", "train", 0)) == 5
+
+
 def test_held_out_rows_are_seeded_and_disjoint_from_training(tmp_path):
     path = write(tmp_path / "gsm8k.jsonl", GSM8K)
     config = cfg(path, eval_size=4)
@@ -124,6 +139,15 @@ def test_a_directory_without_split_names_is_one_train_split(tmp_path):
     assert len(load_rows(cfg(tmp_path), "prompt", "train", seed=0)) == 12
     with pytest.raises(DataError, match="one 'train' split and has no 'test' split"):
         load_rows(cfg(tmp_path, eval_split="test"), "prompt", "eval", seed=0)
+
+
+def test_save_to_disk_directories_load_by_split(tmp_path):
+    DatasetDict({"train": Dataset.from_list(HH[:7]), "test": Dataset.from_list(HH[7:])}).save_to_disk(tmp_path / "dd")
+    config = cfg(tmp_path / "dd", eval_split="test")
+    assert len(load_rows(config, "preference", "train", 0)) == 7
+    assert len(load_rows(config, "preference", "eval", 0)) == 3
+    Dataset.from_list(GSM8K).save_to_disk(tmp_path / "single")
+    assert len(load_rows(cfg(tmp_path / "single"), "prompt", "train", 0)) == 12
 
 
 def test_a_single_file_has_no_named_eval_split(tmp_path):
