@@ -23,9 +23,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# The cold start, then R1's RL stage on many verifier-judged prompts, starting from the SFT checkpoint.
 demo: install
 	$(VENV)/bin/rlhf sft run.overwrite=true run.dir=outputs/demo/sft
-	@cat outputs/demo/sft/summary.json
+	$(VENV)/bin/rlhf grpo run.overwrite=true run.dir=outputs/demo/grpo model.name_or_path=outputs/demo/sft/final
+	@$(PY) scripts/summarize.py outputs/demo/sft outputs/demo/grpo
 
 test: install
 	$(PY) -m pytest -q -ra

@@ -18,6 +18,12 @@ from rlhf.errors import RLHFError
 STAGES: dict[str, tuple[str, str, str]] = {
     "sft": ("sft", "rlhf.trainers.sft:SFTTrainer",
             "Supervised fine-tuning on demonstrations (the cold start before RL)."),
+    "train_rm": ("train_rm", "rlhf.trainers.reward:RewardModelTrainer",
+                 "Bradley-Terry reward model on preferences (pairs or ranked lists), saved as a sequence classifier."),
+    "eval": ("eval", "rlhf.trainers.evaluate:Evaluator",
+             "Score a saved checkpoint: a reward model's pairwise accuracy on preferences, or a policy's answers."),
+    "grpo": ("grpo", "rlhf.trainers.grpo:GRPOTrainer",
+             "Group Relative Policy Optimization: sampled groups, verifier/RM rewards, no critic."),
 }
 
 OVERRIDE_HELP = """

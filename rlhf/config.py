@@ -213,6 +213,26 @@ class SFTAlgoConfig:
 
 
 @dataclass
+class RewardModelAlgoConfig:
+    """How `rlhf train-rm` trains a Bradley-Terry reward model and how a sequence's score is read."""
+
+    loss: str = "pairwise"
+    """pairwise: Bradley-Terry -log sigmoid(r_chosen - r_rejected - margin), averaged over the ordered pairs of a ranked list (InstructGPT); listwise: Plackett-Luce NLL of the whole ranking. The two are equal for two responses."""
+    score: Optional[str] = None
+    """Where a sequence's score comes from: last_token (the head's output at the last real token) or sum (a reward per response token, summed; Christiano et al. 2017). null: last_token for a new model, the saved choice of a trained one."""
+    label_smoothing: float = 0.0
+    """Probability that a preference label is flipped, in [0, 0.5) (pairwise loss only)."""
+    use_margin: bool = True
+    """Subtract the data's per-pair `margin` column inside the sigmoid when present (Llama 2); false ignores it."""
+    center_coef: float = 0.0
+    """Weight of the centring term coef * (r_chosen + r_rejected)^2 that keeps rewards near 0 (0 = off)."""
+    on_invalid: str = "drop"
+    """Preference rows with identical or empty responses: drop (and count) or error."""
+    stats_rows: Optional[int] = None
+    """Training rows scored for the reward mean/std saved with the model for reward.normalize (null: all of them)."""
+
+
+@dataclass
 class StageConfig:
     stage: str = MISSING
     """Which stage this config drives (set by the entry config)."""
@@ -231,7 +251,88 @@ class SFTConfig(StageConfig):
     algo: SFTAlgoConfig = field(default_factory=SFTAlgoConfig)
 
 
-STAGE_SCHEMAS: dict[str, type] = {"sft": SFTConfig}
+@dataclass
+class TrainRMConfig(StageConfig):
+    algo: RewardModelAlgoConfig = field(default_factory=RewardModelAlgoConfig)
+
+
+@dataclass
+class EvalStageConfig(StageConfig):
+    algo: RewardModelAlgoConfig = field(default_factory=RewardModelAlgoConfig)
+
+
+@dataclass
+class RLTrainerConfig(TrainerConfig):
+    """Trainer keys of the RL stages. Their micro-batches hold samples (prompt + response) and grad_accum is
+    derived: (prompts_per_step / world size) x group_size / micro_batch_size."""
+
+    prompts_per_step: int = 16
+    """Prompts per step over all processes (each is sampled group_size times)."""
+
+
+@dataclass
+class RolloutConfig:
+    max_new_tokens: int = 64
+    """Longest response sampled per prompt (responses that reach it without EOS are truncated)."""
+    temperature: float = 1.0
+    """Sampling temperature (also used for the log-probs of the update, so ratios are consistent)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold (1.0 = off)."""
+    top_k: int = 0
+    """Top-k sampling (0 = off)."""
+    batch_size: int = 256
+    """Sequences generated per generate() call."""
+
+
+@dataclass
+class RewardConfig:
+    funcs: List[str] = field(default_factory=lambda: ["accuracy", "format"])
+    """Reward functions by registry name (accuracy, format) or dotted path `my_pkg.my_mod:my_reward`."""
+    weights: List[float] = field(default_factory=lambda: [1.0, 0.2])
+    """Weight of each function in the summed reward (same order as reward.funcs)."""
+    on_error: str = "raise"
+    """A reward function that raises: raise (stop with the function and sample named) or score (give error_score, count it)."""
+    error_score: float = 0.0
+    """Score of a sample whose reward function raised, when reward.on_error=score."""
+    time_limit_s: float = 60.0
+    """Longest a reward function may take for one batch of completions."""
+
+
+@dataclass
+class GRPOAlgoConfig:
+    group_size: int = 8
+    """Responses sampled per prompt (G); advantages are normalised within each group."""
+    advantage: str = "grpo"
+    """Advantage estimator: grpo (group mean/std), rloo (leave-one-out baseline), reinforce_pp (batch whitening)."""
+    scale_rewards: str = "group"
+    """Divide centred rewards by the std of the group, of the whole batch, or none (Dr. GRPO)."""
+    beta: float = 0.02
+    """KL coefficient (k3 estimator, in the loss). 0: no reference model is loaded at all."""
+    epsilon: float = 0.2
+    """Lower clip range of the ratio: clip(ratio, 1 - epsilon, ...)."""
+    epsilon_high: Optional[float] = None
+    """Upper clip range (DAPO's clip-higher); null = epsilon."""
+    loss_type: str = "dapo"
+    """Token-loss aggregation: grpo (per-response mean, then mean), bnpo (micro-batch token mean), dapo (token mean over the whole step), dr_grpo (sum / (responses x max_new_tokens))."""
+    num_iterations: int = 1
+    """Optimizer updates per batch of samples (mu); old log-probs are computed once and reused."""
+    ratio_level: str = "token"
+    """Importance ratio per token (PPO/GRPO) or per sequence (GSPO, length-normalised)."""
+    mask_truncated: bool = False
+    """Leave responses that hit rollout.max_new_tokens without EOS out of the loss (DAPO's overlong filtering)."""
+    zero_variance: str = "keep"
+    """Groups whose rewards all agree carry no signal: keep them (their advantage is 0) or skip them from the loss."""
+
+
+@dataclass
+class GRPOConfig(StageConfig):
+    trainer: RLTrainerConfig = field(default_factory=RLTrainerConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    algo: GRPOAlgoConfig = field(default_factory=GRPOAlgoConfig)
+
+
+STAGE_SCHEMAS: dict[str, type] = {"sft": SFTConfig, "train_rm": TrainRMConfig, "eval": EvalStageConfig, "grpo": GRPOConfig}
 
 
 def register_configs() -> None:

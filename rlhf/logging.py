@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 import sys
 from pathlib import Path
 from typing import Any, Mapping
@@ -57,7 +58,8 @@ class MetricLogger:
         import wandb
 
         id_file = self.run_dir / WANDB_ID_FILE
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        # Our own id, kept in the run directory, so a resumed run continues the same wandb run.
+        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
         id_file.write_text(run_id)
         return wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name or self.run_dir.name,
                           tags=list(cfg.tags), dir=str(self.run_dir), id=run_id, resume="allow",

@@ -25,13 +25,16 @@ from rlhf.algos.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController
 from rlhf.algos.logprobs import entropy_from_logits, token_logprobs
 from rlhf.algos.policy import clipped_policy_loss, clipped_value_loss
 from rlhf.algos.reward_model import (
+    RM_LOSSES,
     bradley_terry_loss,
     centering_loss,
     dense_scores,
     last_token_index,
     listwise_loss,
     pairwise_accuracy,
+    pairwise_ranking_loss,
     ranking_accuracy,
+    ranking_centering_loss,
 )
 from rlhf.algos.reward_shaping import kl_shaped_rewards, place_sequence_rewards
 from rlhf.algos.sft import sft_loss
@@ -40,6 +43,7 @@ __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "KL_ESTIMATORS",
     "LOSS_AGGREGATIONS",
+    "RM_LOSSES",
     "AdaptiveKLController",
     "FixedKLController",
     "aggregate",
@@ -60,8 +64,10 @@ __all__ = [
     "masked_var",
     "masked_whiten",
     "pairwise_accuracy",
+    "pairwise_ranking_loss",
     "place_sequence_rewards",
     "ranking_accuracy",
+    "ranking_centering_loss",
     "reinforce_pp_advantages",
     "rloo_advantages",
     "sft_loss",

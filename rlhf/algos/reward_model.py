@@ -10,6 +10,7 @@ from torch import Tensor
 
 from rlhf.algos.aggregation import check_same_shape, masked_sum
 from rlhf.errors import ConfigError
+from rlhf.registry import Registry
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -85,6 +86,61 @@ def listwise_loss(scores: Tensor, mask: Optional[Tensor] = None, reduction: str 
     return _reduce(loss, reduction)
 
 
+def _ordered_pairs(scores: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """Scores with padded candidates zeroed (NaN there stays harmless), and pairs[n, j, k]: j ranked above k,
+    both real, for lists [N, K] ordered best first."""
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be [N, K] ranked best first, got {list(scores.shape)}")
+    if mask is None:
+        mask = torch.ones_like(scores, dtype=torch.bool)
+    check_same_shape(scores=scores, mask=mask)
+    valid = mask != 0
+    if (valid.sum(-1) < 2).any():
+        raise ValueError("every ranked list needs at least 2 real candidates")
+    scores = torch.where(valid, scores, torch.zeros((), dtype=scores.dtype, device=scores.device))
+    num = scores.shape[1]
+    earlier = torch.ones(num, num, dtype=torch.bool, device=scores.device).triu(1)
+    return scores, earlier & valid[:, :, None] & valid[:, None, :]
+
+
+def _mean_over_pairs(per_pair: Tensor, pairs: Tensor) -> Tensor:
+    return masked_sum(per_pair, pairs, dim=(1, 2)) / pairs.sum((1, 2)).to(per_pair.dtype)
+
+
+def pairwise_ranking_loss(
+    scores: Tensor,
+    mask: Optional[Tensor] = None,
+    margin: Optional[Tensor | float] = None,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+) -> Tensor:
+    """Bradley-Terry over every ordered pair of a ranking, scores [N, K] ordered best first.
+
+    L = 1 / C(K, 2) * sum_{j < k} BT(s_j, s_k, m)       (BT = ``bradley_terry_loss`` of one pair)
+
+    InstructGPT (Ouyang et al. 2022, arXiv:2203.02155, eq. 1): all C(K, 2) comparisons of a prompt's K ranked
+    responses, averaged, so each prompt weighs the same whatever its K. K = 2 is exactly ``bradley_terry_loss``.
+    ``margin``: a number or one per list [N], applied to each of the list's pairs. ``mask`` [N, K] marks the real
+    candidates of ragged lists (at least 2 per row). ``reduction``: "mean" | "sum" | "none" (one loss per list).
+    """
+    scores, pairs = _ordered_pairs(scores, mask)
+    if isinstance(margin, Tensor):
+        if margin.shape != scores.shape[:1]:
+            raise ValueError(f"margin must be one number per list [{scores.shape[0]}], got {list(margin.shape)}")
+        margin = margin[:, None, None]
+    better, worse = torch.broadcast_tensors(scores[:, :, None], scores[:, None, :])
+    per_pair = bradley_terry_loss(better, worse, margin, label_smoothing, reduction="none")
+    return _reduce(_mean_over_pairs(per_pair, pairs), reduction)
+
+
+def ranking_centering_loss(scores: Tensor, mask: Optional[Tensor], coef: float, reduction: str = "mean") -> Tensor:
+    """``centering_loss`` averaged over the ordered pairs of each ranked list [N, K]:
+    L = coef / C(K, 2) * sum_{j < k} (s_j + s_k)^2. K = 2 is exactly ``centering_loss``."""
+    scores, pairs = _ordered_pairs(scores, mask)
+    per_pair = coef * (scores[:, :, None] + scores[:, None, :]) ** 2
+    return _reduce(_mean_over_pairs(per_pair, pairs), reduction)
+
+
 def centering_loss(chosen_rewards: Tensor, rejected_rewards: Tensor, coef: float, reduction: str = "mean") -> Tensor:
     """L = coef * (r(x, y_c) + r(x, y_r))^2: keeps rewards centred on zero (Bradley-Terry is shift-invariant).
 
@@ -140,3 +196,9 @@ def ranking_accuracy(scores: Tensor, mask: Optional[Tensor] = None) -> Tensor:
     pairs = earlier & valid[:, :, None] & valid[:, None, :]
     correct = (scores[:, :, None] > scores[:, None, :]) & pairs
     return correct.sum() / pairs.sum().clamp_min(1)
+
+
+# The losses `rm.loss` names; each maps scores [N, K] (best first) and a mask to one loss per list.
+RM_LOSSES: Registry = Registry("reward-model loss")
+RM_LOSSES.register("pairwise")(pairwise_ranking_loss)
+RM_LOSSES.register("listwise")(listwise_loss)

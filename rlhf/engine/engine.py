@@ -23,19 +23,23 @@ def deep_merge(base: dict, extra: Mapping) -> dict:
     return out
 
 
-def deepspeed_config(cfg: DictConfig, world_size: int, lr: float | None = None) -> dict[str, Any]:
-    """The DeepSpeed config: the conf/deepspeed fragment, values derived from the run, then raw overrides."""
+def deepspeed_config(cfg: DictConfig, world_size: int, lr: float | None = None,
+                     grad_accum: int | None = None) -> dict[str, Any]:
+    """The DeepSpeed config: the conf/deepspeed fragment, values derived from the run, then raw overrides.
+
+    `grad_accum` overrides trainer.grad_accum for stages that derive it (RL: samples per rank / micro batch)."""
     trainer = cfg.trainer
-    if trainer.micro_batch_size < 1 or trainer.grad_accum < 1:
+    grad_accum = trainer.grad_accum if grad_accum is None else grad_accum
+    if trainer.micro_batch_size < 1 or grad_accum < 1:
         raise ConfigError(
-            f"trainer.micro_batch_size ({trainer.micro_batch_size}) and trainer.grad_accum ({trainer.grad_accum}) "
+            f"trainer.micro_batch_size ({trainer.micro_batch_size}) and trainer.grad_accum ({grad_accum}) "
             "must both be at least 1"
         )
     dtype = cfg.model.dtype
     derived: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": trainer.micro_batch_size,
-        "gradient_accumulation_steps": trainer.grad_accum,
-        "train_batch_size": trainer.micro_batch_size * trainer.grad_accum * world_size,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": trainer.micro_batch_size * grad_accum * world_size,
         "gradient_clipping": float(trainer.max_grad_norm),
         "optimizer": {
             "type": "AdamW",
@@ -70,19 +74,23 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, kind: str, min_rat
     raise ConfigError(f"trainer.lr_scheduler must be cosine, linear or constant, got {kind!r}")
 
 
-def build_engine(model: torch.nn.Module, cfg: DictConfig, world_size: int, lr: float | None = None):
-    """deepspeed.initialize with AdamW and our warm-up/decay schedule (its state is checkpointed by DeepSpeed)."""
+def build_engine(model: torch.nn.Module, cfg: DictConfig, world_size: int, lr: float | None = None,
+                 grad_accum: int | None = None, optimizer_steps: int | None = None):
+    """deepspeed.initialize with AdamW and our warm-up/decay schedule (its state is checkpointed by DeepSpeed).
+
+    `optimizer_steps` is the schedule's length when a trainer step holds several updates (RL iterations)."""
     import deepspeed
 
     trainer = cfg.trainer
-    lr_factor(0, trainer.warmup_steps, trainer.max_steps, trainer.lr_scheduler, trainer.min_lr_ratio)
-    schedule = partial(lr_factor, warmup_steps=trainer.warmup_steps, total_steps=trainer.max_steps,
+    total = optimizer_steps or trainer.max_steps
+    lr_factor(0, trainer.warmup_steps, total, trainer.lr_scheduler, trainer.min_lr_ratio)
+    schedule = partial(lr_factor, warmup_steps=trainer.warmup_steps, total_steps=total,
                        kind=trainer.lr_scheduler, min_ratio=trainer.min_lr_ratio)
     params = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(
         model=model,
         model_parameters=params,
-        config=deepspeed_config(cfg, world_size, lr),
+        config=deepspeed_config(cfg, world_size, lr, grad_accum),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
     )
     return engine

@@ -1,0 +1,91 @@
+"""A weighted list of reward functions, with the reward contract checked on every call.
+
+A reward function has TRL's signature `f(prompts, completions, **columns) -> list[float | None]`: one value
+per completion; `None` means "does not apply to this sample" and is left out of that function's weighted
+sum. Functions are named from the registry (`accuracy`, `format`, ...) or by dotted path `pkg.mod:func`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+from rlhf.errors import ConfigError, RewardError
+from rlhf.rewards.rules import REWARD_FUNCS
+
+
+def resolve_reward_function(name: str) -> Callable:
+    if ":" not in name:
+        return REWARD_FUNCS.get(name)
+    module_name, _, attr = name.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"reward function {name!r} cannot be loaded: {exc}") from None
+
+
+@dataclass
+class RewardResult:
+    total: list[float]  # weighted sum per completion
+    per_function: dict[str, list[float | None]]
+    all_none: int  # completions no function applied to (scored 0)
+
+
+class RewardSet:
+    def __init__(self, names: Sequence[str], weights: Sequence[float] | None = None, on_error: str = "raise",
+                 error_score: float = 0.0, time_limit_s: float = 60.0):
+        if not names:
+            raise ConfigError("reward.funcs is empty: name at least one reward function")
+        weights = list(weights) if weights else [1.0] * len(names)
+        if len(weights) != len(names):
+            raise ConfigError(f"reward.weights has {len(weights)} values for {len(names)} reward.funcs")
+        if on_error not in ("raise", "score"):
+            raise ConfigError(f"reward.on_error must be raise or score, got {on_error!r}")
+        self.names = list(names)
+        self.funcs = [resolve_reward_function(n) for n in names]
+        self.weights = [float(w) for w in weights]
+        self.on_error, self.error_score, self.time_limit_s = on_error, error_score, time_limit_s
+        self.errors = 0
+
+    def _call(self, name: str, func: Callable, prompts: list, completions: list,
+              columns: Mapping[str, list]) -> list[float | None]:
+        began = time.monotonic()
+        try:
+            values = func(prompts=prompts, completions=completions, **columns)
+        except Exception as exc:  # a user's function: report which one and on what
+            if self.on_error == "score":
+                self.errors += len(completions)
+                return [self.error_score] * len(completions)
+            sample = completions[0] if len(completions) == 1 else f"one of {len(completions)} completions"
+            raise RewardError(f"reward function {name!r} raised {type(exc).__name__}: {exc} "
+                              f"(on {sample!r}; set reward.on_error=score to score such samples "
+                              f"{self.error_score} instead)") from exc
+        elapsed = time.monotonic() - began
+        if elapsed > self.time_limit_s:
+            raise RewardError(f"reward function {name!r} took {elapsed:.1f}s for {len(completions)} completions, "
+                              f"over reward.time_limit_s={self.time_limit_s}")
+        values = list(values) if values is not None else None
+        if values is None or len(values) != len(completions):
+            raise RewardError(f"reward function {name!r} returned {'None' if values is None else len(values)} "
+                              f"values for {len(completions)} completions (one per completion, None for "
+                              "'does not apply')")
+        out: list[float | None] = []
+        for i, v in enumerate(values):
+            if v is not None and not (isinstance(v, (int, float)) and math.isfinite(float(v))):
+                raise RewardError(f"reward function {name!r} returned {v!r} for completion {i} "
+                                  f"({completions[i]!r}): expected a finite number or None")
+            out.append(None if v is None else float(v))
+        return out
+
+    def __call__(self, prompts: list, completions: list, columns: Mapping[str, list[Any]]) -> RewardResult:
+        per_function = {n: self._call(n, f, prompts, completions, columns) for n, f in zip(self.names, self.funcs)}
+        total, all_none = [], 0
+        for i in range(len(completions)):
+            applied = [(w, per_function[n][i]) for n, w in zip(self.names, self.weights)
+                       if per_function[n][i] is not None]
+            all_none += not applied
+            total.append(sum(w * v for w, v in applied))
+        return RewardResult(total, per_function, all_none)

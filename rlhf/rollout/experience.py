@@ -1,0 +1,106 @@
+"""Experience: what a rollout hands to the RL update (sequences, masks, log-probs, rewards, advantages).
+
+One record type, built here and consumed by PPO and GRPO alike. Masks travel with the tensors they mask.
+Layout of a row: [left-padded prompt | response, right-padded after its first EOS]; `action_mask` is 1 on the
+response's real tokens (its EOS included) and 0 on every prompt and padding position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from rlhf.algos.logprobs import entropy_from_logits, token_logprobs
+from rlhf.data.tokenize import pad
+from rlhf.rollout.generation import response_lengths
+
+
+@dataclass
+class Experience:
+    sequences: Tensor  # [B, P+R] token ids
+    attention_mask: Tensor  # [B, P+R]
+    action_mask: Tensor  # [B, R] over the response columns
+    prompt_width: int  # P: responses start at this column
+    truncated: Tensor  # [B] bool: hit the length limit without EOS
+    old_logprobs: Optional[Tensor] = None  # [B, R]
+    ref_logprobs: Optional[Tensor] = None  # [B, R]
+    values: Optional[Tensor] = None  # [B, R]
+    rewards: Optional[Tensor] = None  # [B] sequence rewards
+    advantages: Optional[Tensor] = None  # [B] or [B, R]
+    returns: Optional[Tensor] = None  # [B, R]
+    extras: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.sequences.shape[0]
+
+    def select(self, index: Sequence[int] | Tensor) -> "Experience":
+        """Rows `index` of every tensor (for mini-batches and micro-batches)."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = value[index] if isinstance(value, Tensor) and value.dim() > 0 else value
+        return Experience(**out)
+
+    def to(self, device: torch.device) -> "Experience":
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, value in moved.items():
+            if isinstance(value, Tensor):
+                moved[name] = value.to(device)
+        return Experience(**moved)
+
+
+def build_experience(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,
+                     eos_id: Optional[int], max_new_tokens: int) -> Experience:
+    """Pack prompt and response token lists into the padded layout (masks from lengths, never from pad ids)."""
+    prompt_ids = pad(prompts, pad_id, side="left")
+    prompt_mask = pad([[1] * len(p) for p in prompts], 0, side="left")
+    response_ids = pad(responses, pad_id)
+    action_mask = pad([[1] * len(r) for r in responses], 0)
+    if response_ids.shape[1] == 0:  # every response empty: keep one column so shapes stay valid
+        response_ids = torch.full((len(responses), 1), pad_id)
+        action_mask = torch.zeros((len(responses), 1), dtype=torch.long)
+    _, ended = response_lengths(response_ids.masked_fill(action_mask == 0, -1), eos_id)
+    lengths = action_mask.sum(-1)
+    return Experience(
+        sequences=torch.cat([prompt_ids, response_ids], dim=1),
+        attention_mask=torch.cat([prompt_mask, action_mask], dim=1),
+        action_mask=action_mask.float(),
+        prompt_width=prompt_ids.shape[1],
+        truncated=~ended & (lengths >= max_new_tokens),
+    )
+
+
+def position_ids(attention_mask: Tensor) -> Tensor:
+    """Positions counted over real tokens only, as generation counts them for left-padded prompts."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def response_logprobs(model, exp: Experience, temperature: float = 1.0, with_entropy: bool = False):
+    """log pi(y_t | x, y_<t) for every response column [B, R] (and the entropy there if asked).
+
+    Only the logits that predict response tokens are computed (`logits_to_keep`), and the log-softmax is
+    taken in chunks, so no [B, T, vocab] float32 tensor is held."""
+    width = exp.sequences.shape[1] - exp.prompt_width
+    out = model(input_ids=exp.sequences, attention_mask=exp.attention_mask,
+                position_ids=position_ids(exp.attention_mask), logits_to_keep=width + 1, use_cache=False)
+    logits = out.logits[:, :-1]
+    targets = exp.sequences[:, exp.prompt_width:]
+    logprobs = token_logprobs(logits, targets, temperature=temperature)
+    if not with_entropy:
+        return logprobs, None
+    return logprobs, entropy_from_logits(logits.detach(), temperature=temperature)
+
+
+@torch.no_grad()
+def batched_logprobs(model, exp: Experience, micro_batch_size: int, temperature: float = 1.0) -> Tensor:
+    """response_logprobs in micro-batches without gradient (old and reference log-probs)."""
+    was_training = model.training
+    model.eval()
+    parts = [response_logprobs(model, exp.select(range(i, min(i + micro_batch_size, len(exp)))), temperature)[0]
+             for i in range(0, len(exp), micro_batch_size)]
+    model.train(was_training)
+    return torch.cat(parts)

@@ -1,0 +1,234 @@
+"""`rlhf train-rm`: a Bradley-Terry reward model on preferences (pairs, or ranked lists of K responses).
+
+Each step: every response of the step's preference rows goes through the model in one forward pass per
+micro-batch, the scores are regrouped into lists [N, K] (best first), and the pairwise (Bradley-Terry) or
+listwise (Plackett-Luce) loss of each list is summed and divided by the step's number of lists.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from rlhf.algos.reward_model import RM_LOSSES, ranking_accuracy, ranking_centering_loss
+from rlhf.data.formats import drop_invalid_preferences
+from rlhf.data.loading import load_rows
+from rlhf.data.sampler import StepSampler
+from rlhf.engine import checkpoint as ckpt
+from rlhf.engine import distributed as dist
+from rlhf.engine.engine import build_engine, optimizer_step
+from rlhf.errors import ConfigError, DataError
+from rlhf.models.zoo import load_reward_model, load_tokenizer, prepare_for_training
+from rlhf.rewards.model import (
+    INFO_FILE,
+    Preference,
+    RewardModelInfo,
+    check_score,
+    collate_preferences,
+    encode_preference,
+    list_scores,
+    score_preferences,
+    sequence_scores,
+)
+from rlhf.trainers.base import Trainer
+from rlhf.trainers.sft import training_model_config
+
+
+def load_preferences(cfg: Any, split: str, tokenizer, on_invalid: str, info=print) -> list[Preference]:
+    """Canonical preference rows of `split`, invalid pairs dropped (or refused) and counted, long prompts dropped
+    (or refused, by data.on_long_prompt), encoded the way the model is trained and scored."""
+    data = cfg.data
+    if data.on_long_prompt not in ("drop", "error"):
+        raise ConfigError(f"data.on_long_prompt must be drop or error, got {data.on_long_prompt!r}")
+    source = f"{data.path or f'built-in task {data.task!r}'} [{split}]"
+    rows = load_rows(data, "preference", split, cfg.run.seed)
+    if len(rows) == 0:
+        return []
+    rows, invalid = drop_invalid_preferences(rows, on_invalid, source)
+    examples, long_prompts, cut = [], 0, 0
+    for i, row in enumerate(rows):
+        example, n_cut = encode_preference(row, tokenizer, data)
+        if len(example.prompt_ids) > data.max_prompt_length:
+            if data.on_long_prompt == "error":
+                raise DataError(f"{source}: row {i}: prompt is {len(example.prompt_ids)} tokens, longer than "
+                                f"data.max_prompt_length={data.max_prompt_length} (raise it, or set "
+                                "data.on_long_prompt=drop)")
+            long_prompts += 1
+            continue
+        examples.append(example)
+        cut += n_cut
+    if invalid:
+        info(f"{source}: dropped {invalid} of {len(rows) + invalid} preference rows with identical or empty "
+             "responses (algo.on_invalid=error refuses them instead)")
+    if long_prompts:
+        info(f"{source}: dropped {long_prompts} rows whose prompt is longer than "
+             f"data.max_prompt_length={data.max_prompt_length}")
+    if cut:
+        info(f"{source}: cut {cut} responses to data.max_length={data.max_length} tokens (EOS kept last)")
+    if split == "train" and not examples:
+        raise DataError(f"{source}: no preference rows left")
+    return examples
+
+
+def list_losses(algo: Any, scores: torch.Tensor, batch: dict[str, torch.Tensor], use_margin: bool) -> torch.Tensor:
+    """The loss algo.loss names for each list [N] (scores best first), plus algo.center_coef's centring term."""
+    kwargs = {}
+    if algo.loss == "pairwise":
+        kwargs = {"margin": batch["margin"] if use_margin else None, "label_smoothing": algo.label_smoothing}
+    losses = RM_LOSSES.get(algo.loss)(scores, batch["list_mask"], reduction="none", **kwargs)
+    if algo.center_coef:
+        losses = losses + ranking_centering_loss(scores, batch["list_mask"], algo.center_coef, reduction="none")
+    return losses
+
+
+def preference_sums(scores: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """Sums over lists [N, K] (best first) that add up across micro-batches and ranks; the best response plays
+    `chosen` against each of the others (`rejected`)."""
+    best, others, real = scores[:, :1], scores[:, 1:], mask[:, 1:]
+    diff = best - others
+    k = mask.sum(-1).float()
+    rank_pairs = float((k * (k - 1) / 2).sum())
+    return {"lists": float(len(scores)), "pairs": float(real.sum()),
+            "correct": float(((diff > 0) & real).sum()), "margin": float(diff[real].sum()),
+            "chosen": float(best.sum()), "chosen_sq": float((best ** 2).sum()),
+            "rejected": float(others[real].sum()), "rejected_sq": float((others[real] ** 2).sum()),
+            "rank_pairs": rank_pairs, "rank_correct": float(ranking_accuracy(scores, mask)) * rank_pairs,
+            "long_lists": float((k > 2).sum())}
+
+
+def preference_metrics(total: dict[str, float], prefix: str) -> dict[str, float]:
+    """Pairwise accuracy (ties are wrong), mean margin r_chosen - r_rejected, reward mean/std of chosen and
+    rejected, and for lists of K > 2 the ranking accuracy over all their ordered pairs."""
+    def mean_std(key: str, n: float) -> tuple[float, float]:
+        mean = total[key] / max(n, 1.0)
+        return mean, math.sqrt(max(total[f"{key}_sq"] / max(n, 1.0) - mean ** 2, 0.0))
+
+    chosen_mean, chosen_std = mean_std("chosen", total["lists"])
+    rejected_mean, rejected_std = mean_std("rejected", total["pairs"])
+    out = {"pairwise_accuracy": total["correct"] / max(total["pairs"], 1.0),
+           "margin": total["margin"] / max(total["pairs"], 1.0),
+           "chosen_mean": chosen_mean, "chosen_std": chosen_std,
+           "rejected_mean": rejected_mean, "rejected_std": rejected_std}
+    if total["long_lists"] > 0:
+        out["ranking_accuracy"] = total["rank_correct"] / max(total["rank_pairs"], 1.0)
+    return {f"{prefix}{k}": v for k, v in out.items()}
+
+
+def padded_lists(scores: Sequence[Sequence[float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max((len(s) for s in scores), default=2)
+    mask = torch.tensor([[k < len(s) for k in range(width)] for s in scores])
+    values = torch.tensor([list(s) + [0.0] * (width - len(s)) for s in scores], dtype=torch.float32)
+    return values.reshape(len(scores), width), mask.reshape(len(scores), width)
+
+
+def rank_share(examples: Sequence[Preference]) -> tuple[list[Preference], int]:
+    """This rank's rows, padded with repeats of the first to the same count on every rank (ZeRO-3 needs every
+    rank in every forward pass); returns (rows, how many are real)."""
+    mine = list(examples[dist.rank()::dist.world_size()])
+    per_rank = math.ceil(len(examples) / dist.world_size())
+    return mine + [examples[0]] * (per_rank - len(mine)), len(mine)
+
+
+def evaluate_preferences(classifier, examples: Sequence[Preference], pad_id: int, score: str, batch_size: int,
+                         algo: Any, use_margin: bool) -> tuple[dict[str, float], list[list[float]]]:
+    """Held-out loss and preference metrics over every rank's share of `examples`, and this rank's scores."""
+    mine, real = rank_share(examples)
+    device = next(classifier.parameters()).device
+    scores = score_preferences(classifier, mine, pad_id, score, batch_size, device)[:real]
+    values, mask = padded_lists(scores)
+    batch = {"list_mask": mask, "margin": torch.tensor([e.margin for e in mine[:real]], dtype=torch.float32)}
+    sums = {"loss": float(list_losses(algo, values, batch, use_margin).sum()), **preference_sums(values, mask)}
+    total = dist.all_reduce_sum(sums)
+    return {"loss": total["loss"] / max(total["lists"], 1.0), **preference_metrics(total, "")}, scores
+
+
+class RewardModelTrainer(Trainer):
+    stage = "train_rm"
+
+    def setup(self) -> None:
+        cfg, algo = self.cfg, self.cfg.algo
+        self.score = algo.score or "last_token"
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.train = load_preferences(cfg, "train", self.tokenizer, algo.on_invalid, self._info)
+        self.eval_set = load_preferences(cfg, "eval", self.tokenizer, algo.on_invalid, self._info)
+        self.eval_set = self.eval_set[:cfg.eval.num_examples or None]
+        self.lengths = [example.length for example in self.train]
+        self.sampler = StepSampler(len(self.train), cfg.run.seed)
+        RM_LOSSES.get(algo.loss)  # an unknown name fails now, with the valid ones, not at the first step
+        self.use_margin = algo.use_margin and any(e.margin for e in self.train)
+        if algo.loss == "listwise" and (algo.label_smoothing or self.use_margin):
+            raise ConfigError("algo.loss=listwise takes no algo.label_smoothing and no margin column; set "
+                              "algo.label_smoothing=0 and algo.use_margin=false, or use algo.loss=pairwise")
+        model = load_reward_model(training_model_config(cfg.model), self.tokenizer, cfg.run.seed)
+        prepare_for_training(model, cfg.model)
+        check_score(self.score, model)
+        self.engine = build_engine(model, cfg, self.world)
+        self.engines = {"reward_model": self.engine}
+
+    def batch_line(self) -> str:
+        pairs = sum(len(e.response_ids) == 2 for e in self.train)
+        kind = "pairs" if pairs == len(self.train) else "ranked lists"
+        return f"{super().batch_line()} ({kind}; {len(self.train)} train, {len(self.eval_set)} held out)"
+
+    def train_step(self) -> dict[str, Any]:
+        t = self.cfg.trainer
+        indices = self.sampler.rank_indices(self.samples_seen, self.global_batch, dist.rank(), self.world)
+        batches = [collate_preferences([self.train[i] for i in mb], self.tokenizer.pad_token_id)
+                   for mb in self.micro_batches(indices, self.lengths)]
+        # The step's loss is the mean over its lists; DeepSpeed divides by grad_accum and averages over ranks,
+        # so scaling by both keeps the gradient that of the whole step however it is split.
+        scale = t.grad_accum * self.world
+        sums: dict[str, float] = {"loss": 0.0}
+        grad_norm = None
+        for batch in batches:
+            batch = self.to_device(batch, self.engine.device)
+            scores = list_scores(sequence_scores(self.engine.module, batch, self.score), batch)
+            loss = list_losses(self.cfg.algo, scores, batch, self.use_margin).sum() / self.global_batch
+            self.engine.backward(loss * scale)
+            grad_norm = optimizer_step(self.engine)
+            sums["loss"] += loss.item()
+            for key, value in preference_sums(scores.detach().float(), batch["list_mask"]).items():
+                sums[key] = sums.get(key, 0.0) + value
+        self.samples_seen += self.global_batch
+        total = dist.all_reduce_sum(sums)
+        shown = ("pairwise_accuracy", "margin", "chosen_mean", "rejected_mean")
+        metrics = {k: v for k, v in preference_metrics(total, "train/").items() if k.split("/")[1] in shown}
+        return {"loss": total["loss"], "grad_norm": grad_norm, **metrics}
+
+    def evaluate(self, final: bool = False) -> dict[str, float]:
+        if not self.eval_set:
+            return {}
+        metrics, _ = evaluate_preferences(self.engine.module, self.eval_set, self.tokenizer.pad_token_id, self.score,
+                                          self.cfg.eval.batch_size, self.cfg.algo, self.use_margin)
+        return {f"eval/{k}": v for k, v in metrics.items()}
+
+    def reward_statistics(self) -> dict[str, float]:
+        """Mean and std of the scores of every response in the training set (or algo.stats_rows of them)."""
+        rows = self.train
+        limit = self.cfg.algo.stats_rows
+        if limit is not None and limit < len(rows):
+            rows = [rows[i] for i in sorted(random.Random(f"rm-stats/{self.cfg.run.seed}").sample(range(len(rows)),
+                                                                                                limit))]
+        mine, real = rank_share(rows)
+        scores = score_preferences(self.engine.module, mine, self.tokenizer.pad_token_id, self.score,
+                                   self.cfg.eval.batch_size, self.engine.device)[:real]
+        flat = [s for lst in scores for s in lst]
+        total = dist.all_reduce_sum({"n": len(flat), "sum": sum(flat), "sq": sum(s * s for s in flat)})
+        mean = total["sum"] / total["n"]
+        return {"mean": mean, "std": math.sqrt(max(total["sq"] / total["n"] - mean ** 2, 0.0)),
+                "num_scores": int(total["n"])}
+
+    def export(self, final_dir: Path) -> None:
+        """final/: an AutoModelForSequenceClassification (num_labels=1) + tokenizer + reward_model.json."""
+        data = self.cfg.data
+        info = RewardModelInfo(score=self.score, prompt_template=data.prompt_template,
+                               chat_template=data.chat_template, max_length=data.max_length,
+                               **self.reward_statistics())
+        self._info(f"reward statistics over {info.num_scores} training responses: mean {info.mean:.4g}, "
+                   f"std {info.std:.4g} (saved in final/{INFO_FILE} for reward.normalize)")
+        ckpt.save_pretrained(self.engine.module, self.tokenizer, final_dir,
+                             state_dict=ckpt.full_state_dict(self.engine), extra_files={INFO_FILE: info.to_json()})

@@ -1,0 +1,57 @@
+import torch
+
+from rlhf.config import TinyModelConfig
+from rlhf.models.tiny import build_tiny_model
+from rlhf.models.tokenizer import build_char_tokenizer
+from rlhf.rollout.experience import batched_logprobs, build_experience, response_logprobs
+from rlhf.rollout.generation import SamplingParams, generate, response_lengths
+
+
+def tiny():
+    tok = build_char_tokenizer()
+    model = build_tiny_model(TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64), tok, 0)
+    return tok, model.eval()
+
+
+def test_layout_and_masks_come_from_lengths_not_pad_ids():
+    eos = 1
+    # pad id == eos id: masks must still mark the first EOS as a real token and nothing after it
+    exp = build_experience([[5, 6, 7], [8]], [[9, eos], [10, 11, 12]], pad_id=eos, eos_id=eos, max_new_tokens=3)
+    assert exp.prompt_width == 3
+    assert exp.sequences.tolist() == [[5, 6, 7, 9, eos, eos], [eos, eos, 8, 10, 11, 12]]
+    assert exp.attention_mask.tolist() == [[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
+    assert exp.action_mask.tolist() == [[1, 1, 0], [1, 1, 1]]
+    assert exp.truncated.tolist() == [False, True]
+
+
+def test_response_lengths_stop_at_first_eos():
+    lengths, ended = response_lengths(torch.tensor([[3, 1, 1, 1], [3, 4, 5, 6]]), eos_id=1)
+    assert lengths.tolist() == [2, 4] and ended.tolist() == [True, False]
+
+
+def test_logprobs_of_a_left_padded_row_equal_the_unpadded_row():
+    tok, model = tiny()
+    long_p, short_p = [10, 11, 12, 13], [14, 15]
+    exp = build_experience([long_p, short_p], [[20, 21], [22, 23]], tok.pad_token_id, tok.eos_token_id, 8)
+    both = batched_logprobs(model, exp, micro_batch_size=2)
+    alone = batched_logprobs(model, build_experience([short_p], [[22, 23]], tok.pad_token_id, tok.eos_token_id, 8), 1)
+    torch.testing.assert_close(both[1], alone[0], atol=1e-5, rtol=1e-5)
+    # and equal to a plain full-logits computation
+    logits = model(input_ids=torch.tensor([short_p + [22, 23]])).logits.log_softmax(-1)
+    plain = logits[0, [1, 2], [22, 23]]
+    torch.testing.assert_close(alone[0], plain, atol=1e-5, rtol=1e-5)
+
+
+def test_generation_then_logprobs_are_consistent_and_grad_flows():
+    tok, model = tiny()
+    prompts = [tok("12+3=")["input_ids"], tok("7+8=")["input_ids"]]
+    torch.manual_seed(0)
+    responses = generate(model, prompts, tok.pad_token_id, tok.eos_token_id, SamplingParams(max_new_tokens=6), 4)
+    exp = build_experience(prompts, responses, tok.pad_token_id, tok.eos_token_id, 6)
+    old = batched_logprobs(model, exp, 2)
+    model.train()
+    new, entropy = response_logprobs(model, exp, with_entropy=True)
+    torch.testing.assert_close(new.detach(), old, atol=1e-5, rtol=1e-5)  # ratio 1 on the first pass
+    (new * exp.action_mask).sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    assert entropy.shape == new.shape
