@@ -78,7 +78,9 @@ def launch_command(stage: str, cfg, overrides: list[str]) -> list[str]:
             cmd += ["--master_addr", launcher.master_addr]
         if launcher.include:
             cmd += ["--include", launcher.include]
-    cmd += ["--num_gpus", str(launcher.nproc_per_node), "--module", "rlhf.cli", stage.replace("_", "-")]
+    # --no_local_rank: ranks read LOCAL_RANK from the environment; the CLI takes no --local_rank flag.
+    cmd += ["--num_gpus", str(launcher.nproc_per_node), "--no_local_rank", "--module", "rlhf.cli",
+            stage.replace("_", "-")]
     return cmd + list(overrides) + [f"run.dir={cfg.run.dir}"]
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from rlhf.algos.reward_model import dense_scores, last_token_index
@@ -221,7 +221,9 @@ class RewardModel:
         classifier = load_reward_model(model_cfg, tokenizer, seed=0)
         if device is not None:
             classifier.to(device)
-        info = RewardModelInfo.read(path) or RewardModelInfo()
+        # A reward model trained elsewhere has no reward_model.json: read the last token, up to its context length.
+        info = RewardModelInfo.read(path) or RewardModelInfo(
+            max_length=getattr(classifier.config, "max_position_embeddings", None) or 2048)
         if data_cfg is None:
             data_cfg = OmegaConf.structured(DataConfig(prompt_template=info.prompt_template,
                                                        chat_template=info.chat_template, max_length=info.max_length))

@@ -121,7 +121,7 @@ class Trainer:
                 self._seed_step()
                 metrics = self.train_step()
                 self.step += 1
-                metrics["lr"] = self.engines["policy"].get_lr()[0] if "policy" in self.engines else None
+                metrics["lr"] = next(iter(self.engines.values())).get_lr()[0] if self.engines else None
                 metrics["time/step_s"] = time.time() - began
                 metrics["samples_seen"] = self.samples_seen
                 if t.eval_every > 0 and self.step % t.eval_every == 0 and self.step < t.max_steps:
@@ -134,7 +134,7 @@ class Trainer:
                 if self._stop_signal is not None:
                     self._save()
                     raise RLHFError(f"stopped by signal {self._stop_signal} at step {self.step}; checkpoint saved. "
-                                    f"Resume with: rlhf {self.stage} run.dir={self.run_dir} run.resume=true")
+                                    f"Resume with: rlhf {self.stage.replace('_', '-')} run.dir={self.run_dir} run.resume=true")
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)

@@ -40,5 +40,5 @@ def test_missing_model_directory_is_a_clear_error(tmp_path):
 
 def test_launcher_dry_run_prints_the_deepspeed_command(tmp_path):
     out = run_cli("sft", "launcher.nproc_per_node=2", "launcher.dry_run=true", f"run.dir={tmp_path}/r").stdout
-    assert out.startswith("deepspeed --master_port 29500 --num_gpus 2 --module rlhf.cli sft")
+    assert out.startswith("deepspeed --master_port 29500 --num_gpus 2 --no_local_rank --module rlhf.cli sft")
     assert f"run.dir={tmp_path}/r" in out
