@@ -22,6 +22,8 @@ STAGES: dict[str, tuple[str, str, str]] = {
                  "Bradley-Terry reward model on preferences (pairs or ranked lists), saved as a sequence classifier."),
     "eval": ("eval", "rlhf.trainers.evaluate:Evaluator",
              "Score a saved checkpoint: a reward model's pairwise accuracy on preferences, or a policy's answers."),
+    "ppo": ("ppo", "rlhf.trainers.ppo:PPOTrainer",
+            "PPO against a reward model: critic (value head), GAE, clipped objective, KL to a frozen reference."),
     "grpo": ("grpo", "rlhf.trainers.grpo:GRPOTrainer",
              "Group Relative Policy Optimization: sampled groups, verifier/RM rewards, no critic."),
 }

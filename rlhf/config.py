@@ -264,10 +264,10 @@ class EvalStageConfig(StageConfig):
 @dataclass
 class RLTrainerConfig(TrainerConfig):
     """Trainer keys of the RL stages. Their micro-batches hold samples (prompt + response) and grad_accum is
-    derived: (prompts_per_step / world size) x group_size / micro_batch_size."""
+    derived: (prompts_per_step / world size) x samples per prompt / mini-batches / micro_batch_size."""
 
     prompts_per_step: int = 16
-    """Prompts per step over all processes (each is sampled group_size times)."""
+    """Prompts per step over all processes (each sampled algo.group_size times in GRPO, algo.samples_per_prompt in PPO)."""
 
 
 @dataclass
@@ -296,6 +296,18 @@ class RewardConfig:
     """Score of a sample whose reward function raised, when reward.on_error=score."""
     time_limit_s: float = 60.0
     """Longest a reward function may take for one batch of completions."""
+    api: str = "auto"
+    """How dotted-path reward functions are called, so TRL, veRL and OpenRLHF reward code runs unchanged: trl (f(prompts, completions, **columns) -> list), verl (compute_score(data_source, solution_str, ground_truth, extra_info) per completion), openrlhf (reward_func(queries, prompts, labels)), or auto (picked from each function's parameter names; trl when unsure). Built-in functions are unaffected."""
+    model_path: Optional[str] = None
+    """Reward model directory written by `rlhf train-rm` (or any one-label sequence classifier), scored by the
+    function named `model` in reward.funcs (reward=model; mix with rules: reward.funcs=[model,format])."""
+    normalize: bool = False
+    """Standardise reward-model scores with the mean/std saved beside the model (an error if it has none)."""
+    overlong_buffer: int = 0
+    """DAPO's soft overlong penalty: responses longer than rollout.max_new_tokens - overlong_buffer tokens lose up
+    to overlong_penalty, linearly over the buffer (0 = off)."""
+    overlong_penalty: float = 1.0
+    """Largest overlong penalty, reached at rollout.max_new_tokens."""
 
 
 @dataclass
@@ -321,7 +333,78 @@ class GRPOAlgoConfig:
     mask_truncated: bool = False
     """Leave responses that hit rollout.max_new_tokens without EOS out of the loss (DAPO's overlong filtering)."""
     zero_variance: str = "keep"
-    """Groups whose rewards all agree carry no signal: keep them (their advantage is 0) or skip them from the loss."""
+    """Groups whose rewards all agree (std ~ 0) carry no signal: keep them (advantage 0), skip them from the loss, or resample (DAPO's dynamic sampling: sample more prompts until the step's groups all carry signal)."""
+    resample_rounds: int = 4
+    """zero_variance=resample: most extra sampling rounds per step; groups still short are filled with flat groups, skipped from the loss."""
+
+
+@dataclass
+class PPOAlgoConfig:
+    samples_per_prompt: int = 1
+    """Responses sampled per prompt each step."""
+    gamma: float = 1.0
+    """Discount of GAE (1.0: a response is one undiscounted episode)."""
+    lam: float = 0.95
+    """GAE lambda: 1.0 = Monte-Carlo returns, 0.0 = one-step TD."""
+    epsilon: float = 0.2
+    """Lower clip range of the ratio: clip(ratio, 1 - epsilon, ...)."""
+    epsilon_high: Optional[float] = None
+    """Upper clip range; null = epsilon."""
+    dual_clip: Optional[float] = None
+    """Dual-clip bound c > 1 on -A * ratio for negative advantages (Ye et al. 2020); null = off."""
+    value_clip: Optional[float] = 0.2
+    """Clip range of the new values around the rollout's values in the value loss; null = unclipped."""
+    vf_coef: float = 0.5
+    """Weight of the value loss (the critic has its own optimizer; this scales its gradient)."""
+    entropy_coef: float = 0.0
+    """Entropy bonus coefficient (0 = off)."""
+    kl_coef: float = 0.05
+    """KL coefficient beta (the initial one when adaptive_kl is on)."""
+    kl_in: str = "reward"
+    """Where the KL to the reference goes: reward (per-token penalty in the reward, InstructGPT) or loss (a loss term, as GRPO)."""
+    kl_estimator: str = "k1"
+    """KL estimator: k1 (log-ratio), k2 (half squared log-ratio), k3 (exp(-x) + x - 1, non-negative)."""
+    adaptive_kl: bool = False
+    """Steer kl_coef towards kl_target (Ziegler et al. 2019's controller)."""
+    kl_target: float = 6.0
+    """Adaptive KL: target KL per response (summed over its tokens)."""
+    kl_horizon: float = 10000.0
+    """Adaptive KL: horizon in samples."""
+    ppo_epochs: int = 1
+    """Passes over each step's samples."""
+    mini_batches: int = 1
+    """Optimizer updates per pass (the step's samples split into this many mini-batches)."""
+    loss_type: str = "token_mean"
+    """Token-loss aggregation of the policy and value losses: token_mean (over the mini-batch's tokens) or seq_mean_token_mean (per response, then over responses)."""
+    whiten_advantages: bool = True
+    """Standardise advantages over the step's response tokens."""
+    whiten_rewards: bool = False
+    """Standardise the sequence scores over the step before the KL penalty is added."""
+    reward_clip: Optional[float] = None
+    """Clip sequence scores to [-reward_clip, reward_clip]; null = off."""
+    missing_eos_penalty: float = 0.0
+    """Subtracted from the score of a response that hit rollout.max_new_tokens without EOS."""
+    truncation: str = "bootstrap"
+    """A truncated response (no EOS) is not terminal: bootstrap GAE from the critic's value of its last state; terminal: treat it as ended."""
+
+
+@dataclass
+class CriticConfig:
+    init: str = "auto"
+    """Critic initialisation: reward_model (its backbone and head), policy (its backbone, a zero value head), or auto (reward_model when reward.model_path is set, else policy)."""
+    lr: Optional[float] = None
+    """Critic learning rate; null = trainer.lr."""
+    warmup_steps: int = 0
+    """Steps during which only the critic learns (the policy waits for useful values)."""
+
+
+@dataclass
+class PPOConfig(StageConfig):
+    trainer: RLTrainerConfig = field(default_factory=RLTrainerConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    algo: PPOAlgoConfig = field(default_factory=PPOAlgoConfig)
 
 
 @dataclass
@@ -332,7 +415,8 @@ class GRPOConfig(StageConfig):
     algo: GRPOAlgoConfig = field(default_factory=GRPOAlgoConfig)
 
 
-STAGE_SCHEMAS: dict[str, type] = {"sft": SFTConfig, "train_rm": TrainRMConfig, "eval": EvalStageConfig, "grpo": GRPOConfig}
+STAGE_SCHEMAS: dict[str, type] = {"sft": SFTConfig, "train_rm": TrainRMConfig, "eval": EvalStageConfig, "grpo": GRPOConfig,
+                                 "ppo": PPOConfig}
 
 
 def register_configs() -> None:

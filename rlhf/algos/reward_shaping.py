@@ -38,3 +38,21 @@ def kl_shaped_rewards(scores: Tensor, kl: Tensor, kl_coef: float, action_mask: T
     check_same_shape(kl=kl, action_mask=action_mask)
     penalty = torch.where(action_mask != 0, -kl_coef * kl, torch.zeros((), dtype=kl.dtype, device=kl.device))
     return penalty + place_sequence_rewards(scores, action_mask)
+
+
+def overlong_penalty(lengths: Tensor, max_len: int, buffer: int, penalty: float = 1.0) -> Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, arXiv:2503.14476, eq. 13), per response [B]:
+
+        R(y) = 0                                    if |y| <= L_max - L_cache
+             = penalty * ((L_max - L_cache) - |y|) / L_cache   if L_max - L_cache < |y| <= L_max
+             = -penalty                             if |y| > L_max
+
+    ``lengths`` are response lengths in tokens, ``max_len`` is L_max (rollout.max_new_tokens), ``buffer`` L_cache.
+    Added to the task reward, it tells the policy that a response running into the limit is worse, gradually,
+    instead of cutting its reward off at the limit.
+    """
+    if buffer <= 0 or buffer > max_len:
+        raise ValueError(f"the overlong buffer must be in 1..{max_len} (the length limit), got {buffer}")
+    lengths = lengths.to(torch.promote_types(lengths.dtype, torch.float32))
+    soft = (max_len - buffer - lengths) / buffer
+    return penalty * torch.where(lengths > max_len, torch.full_like(lengths, -1.0), soft.clamp(max=0.0))

@@ -2,7 +2,8 @@
 
 Canonical columns by kind:
 - sft:        prompt, completion                  (+ answer where the layout has one)
-- prompt:     prompt                              (+ answer, solution, and every column the layout does not use)
+- prompt:     prompt                              (+ answer, solution, tests, and every column the layout
+              does not use)
 - preference: prompt, chosen, rejected (+ margin) or, for rankings, prompt, responses (best first, >= 2)
 
 `prompt` is a string or, for chat data, a list of {role, content} messages (rendered later with the
@@ -59,7 +60,8 @@ _EXPECTED = {
 }
 
 _MAPPABLE = (
-    "prompt", "completion", "messages", "question", "answer", "solution", "chosen", "rejected", "margin", "responses"
+    "prompt", "completion", "messages", "question", "answer", "solution", "chosen", "rejected", "margin", "responses",
+    "tests",
 )
 _CONSUMED = {
     "prompt_completion": {"prompt", "completion"},

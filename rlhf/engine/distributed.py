@@ -75,6 +75,14 @@ def all_reduce_sum(values: Mapping[str, float]) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
+def all_reduce_max(value: float) -> float:
+    if world_size() == 1:
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
 def all_reduce_mean(values: Mapping[str, float]) -> dict[str, float]:
     n = world_size()
     return {k: v / n for k, v in all_reduce_sum(values).items()}

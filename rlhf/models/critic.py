@@ -46,9 +46,15 @@ class ValueModel(nn.Module):
     def config(self) -> Any:
         return self.classifier.config
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """values [B, T] in float32, whatever the backbone's dtype, so the value loss is computed in full precision."""
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Optional[Tensor] = None) -> Tensor:
+        """values [B, T] in float32, whatever the backbone's dtype, so the value loss is computed in full precision.
+
+        Positions count real tokens only (as generation does for left-padded prompts): models with absolute
+        position embeddings (GPT-2) would otherwise see a left-padded row at shifted positions."""
+        if position_ids is None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               use_cache=False).last_hidden_state
         return self.value_head(hidden).squeeze(-1).float()
 
     def save_pretrained(self, directory: str) -> None:

@@ -209,3 +209,41 @@ def format_reward(prompts: Optional[list], completions: list, **columns: Any) ->
         1.0 if has_r1_format(completion_text(c, i), _prompt_text(p).rstrip().endswith("<think>")) else 0.0
         for i, (p, c) in enumerate(zip(prompts, completions))
     ]
+
+
+@REWARD_FUNCS.register("length")
+def length_reward(prompts: Optional[list], completions: list, **columns: Any) -> list[float]:
+    """Kimi k1.5's length reward (arXiv:2501.12599, Sec. 2.3.3): among the completions of one prompt, shorter
+    correct ones earn more and longer ones lose, relative to each other rather than to a fixed length.
+
+    With `L` a completion's length in characters and `min`/`max` over the completions of the same prompt,
+    `lam = 0.5 - (L - min) / (max - min)`; the reward is `lam` for a correct completion (the accuracy reward's
+    check against the row's `answer`) and `min(0, lam)` otherwise, so a wrong answer never gains by being short.
+    Without an `answer` column every completion counts as not known to be correct: a pure penalty in [-0.5, 0]
+    on the longer ones. All 0.0 when a prompt's completions are equally long (or it has only one).
+
+    Why this shape: it needs no target length (any fixed one would suit some tasks and not others), it is bounded
+    in [-0.5, 0.5], so with a weight below 1 it never outweighs answering correctly, and it leaves hard limits to
+    reward.overlong_buffer (DAPO's penalty near rollout.max_new_tokens). Characters stand in for tokens (reward
+    functions see text); the min-max scaling makes the unit nearly irrelevant. Completions are grouped by
+    identical prompt, as GRPO's group of one prompt is.
+    """
+    n = len(completions)
+    prompts = [""] * n if prompts is None else prompts
+    if len(prompts) != n:
+        raise RewardError(f"the length reward got {n} completions but {len(prompts)} prompts")
+    lengths = [len(completion_text(c, i)) for i, c in enumerate(completions)]
+    correct = [v == 1.0 for v in accuracy_reward(prompts, completions, **columns)] if "answer" in columns \
+        else [False] * n
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(p if isinstance(p, str) else repr(p), []).append(i)  # chat prompts are lists: unhashable
+    rewards = [0.0] * n
+    for members in groups.values():
+        shortest, longest = min(lengths[i] for i in members), max(lengths[i] for i in members)
+        if longest == shortest:
+            continue
+        for i in members:
+            lam = 0.5 - (lengths[i] - shortest) / (longest - shortest)
+            rewards[i] = lam if correct[i] else min(0.0, lam)
+    return rewards

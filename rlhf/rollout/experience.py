@@ -96,11 +96,34 @@ def response_logprobs(model, exp: Experience, temperature: float = 1.0, with_ent
 
 
 @torch.no_grad()
-def batched_logprobs(model, exp: Experience, micro_batch_size: int, temperature: float = 1.0) -> Tensor:
-    """response_logprobs in micro-batches without gradient (old and reference log-probs)."""
+def _in_micro_batches(fn, model, exp: Experience, micro_batch_size: int, **kwargs) -> list:
+    """fn(model, micro-batch) over `exp` in eval mode without gradient (rollout-time log-probs and values)."""
     was_training = model.training
     model.eval()
-    parts = [response_logprobs(model, exp.select(range(i, min(i + micro_batch_size, len(exp)))), temperature)[0]
+    parts = [fn(model, exp.select(range(i, min(i + micro_batch_size, len(exp)))), **kwargs)
              for i in range(0, len(exp), micro_batch_size)]
     model.train(was_training)
-    return torch.cat(parts)
+    return parts
+
+
+def batched_logprobs(model, exp: Experience, micro_batch_size: int, temperature: float = 1.0) -> Tensor:
+    """response_logprobs in micro-batches without gradient (old and reference log-probs)."""
+    parts = _in_micro_batches(response_logprobs, model, exp, micro_batch_size, temperature=temperature)
+    return torch.cat([p[0] for p in parts])
+
+def response_values(critic, exp: Experience) -> tuple[Tensor, Tensor]:
+    """The critic's V(s_t) before every response token, [B, R], and V after each response's last token, [B].
+
+    V(s_t) is read at the position just before response token t (the state the action is taken in); the value
+    after the last real token is what a truncated response bootstraps from. Padding positions are 0."""
+    values = critic(exp.sequences, exp.attention_mask, position_ids(exp.attention_mask))
+    width = exp.sequences.shape[1] - exp.prompt_width
+    before = values[:, exp.prompt_width - 1:exp.prompt_width - 1 + width] * exp.action_mask
+    last = exp.prompt_width - 1 + exp.action_mask.sum(-1).long()
+    return before, values.gather(-1, last[:, None]).squeeze(-1)
+
+
+def batched_values(critic, exp: Experience, micro_batch_size: int) -> tuple[Tensor, Tensor]:
+    """response_values in micro-batches without gradient (the rollout's values)."""
+    parts = _in_micro_batches(response_values, critic, exp, micro_batch_size)
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])

@@ -48,3 +48,48 @@ def test_grpo_beta_zero_loads_no_reference(tmp_path, fast, sft_checkpoint):
             "rollout.max_new_tokens=8", "algo.beta=0", *fast)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert not any("kl/k3" in r for r in records)
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_dapo_loss_does_not_depend_on_how_the_step_is_split(tmp_path, fast, sft_checkpoint):
+    """One micro-batch of 8 and four of 2 give the same step: the same loss and the same accumulated gradient."""
+    runs = {}
+    for micro in (8, 2):
+        run_dir = tmp_path / f"micro{micro}"
+        run_cli("grpo", f"run.dir={run_dir}", f"model.name_or_path={sft_checkpoint}", "trainer.max_steps=1",
+                "trainer.eval_every=0", "trainer.prompts_per_step=2", "algo.group_size=4", "rollout.max_new_tokens=12",
+                "algo.loss_type=dapo", "reward.funcs=[tests.integration.rewards_for_tests:varied]", "reward.weights=[1]",
+                *fast, f"trainer.micro_batch_size={micro}")
+        runs[micro] = [r for r in read_metrics(run_dir) if "grad_norm" in r][0]
+    assert runs[8]["reward/mean"] == runs[2]["reward/mean"] and runs[8]["reward/std"] > 0  # the same samples
+    assert runs[8]["loss"] == pytest.approx(runs[2]["loss"], rel=1e-4, abs=1e-6)
+    assert runs[8]["grad_norm"] == pytest.approx(runs[2]["grad_norm"], rel=1e-4)
+
+
+def test_grpo_on_a_local_file_in_gsm8k_layout(tmp_path, fast, sft_checkpoint):
+    data = tmp_path / "gsm8k"
+    data.mkdir()
+    for split, n in (("train", 16), ("test", 4)):
+        rows = [{"question": f"Tom has {i} apples and buys {i + 2} more. How many now?",
+                 "answer": f"He has {i} + {i + 2} = {2 * i + 2} apples.\n#### {2 * i + 2:,}"} for i in range(n)]
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run_dir = tmp_path / "grpo"
+    run_cli("grpo", f"run.dir={run_dir}", f"model.name_or_path={sft_checkpoint}", "data=gsm8k", f"data.path={data}",
+            "data.prompt_template='{prompt}'", "data.max_prompt_length=96", "trainer.max_steps=1", "trainer.eval_every=1",
+            "trainer.prompts_per_step=2", "algo.group_size=4", "rollout.max_new_tokens=8", *fast)
+    train = [r for r in read_metrics(run_dir) if "reward/mean" in r][0]
+    assert "reward/accuracy" in train and train["reward/all_none"] == 0  # the gold answer reached the verifier
+    assert "eval/accuracy" in read_metrics(run_dir)[0]
+
+
+def test_dynamic_sampling_resamples_flat_groups_and_overlong_penalty_is_logged(tmp_path, fast, sft_checkpoint):
+    run_dir = tmp_path / "grpo"
+    run_cli("grpo", f"run.dir={run_dir}", f"model.name_or_path={sft_checkpoint}", "trainer.max_steps=1",
+            "trainer.eval_every=0", "trainer.prompts_per_step=2", "algo.group_size=4", "rollout.max_new_tokens=8",
+            "algo.zero_variance=resample", "algo.resample_rounds=2", "reward.overlong_buffer=4", *fast)
+    train = [r for r in read_metrics(run_dir) if "reward/mean" in r][0]
+    assert 0 <= train["reward/resample_rounds"] <= 2 and "reward/zero_variance_frac" in train
+    assert train["reward/overlong"] < 0  # the barely trained model's 8-token responses ran into the limit

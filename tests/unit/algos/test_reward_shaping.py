@@ -32,3 +32,14 @@ def test_kl_shaped_rewards():
 def test_shapes_are_checked():
     with pytest.raises(ValueError, match="scores must be"):
         place_sequence_rewards(torch.ones(3), torch.ones(2, 4))
+
+
+def test_overlong_penalty_is_zero_then_linear_over_the_buffer():
+    from rlhf.algos.reward_shaping import overlong_penalty
+
+    # L_max = 20, buffer 4: free up to 16, then -1/4 per token, -1 at the limit (DAPO eq. 13)
+    lengths = torch.tensor([3, 16, 17, 18, 20])
+    torch.testing.assert_close(overlong_penalty(lengths, 20, 4), torch.tensor([0.0, 0.0, -0.25, -0.5, -1.0]))
+    torch.testing.assert_close(overlong_penalty(lengths, 20, 4, penalty=0.5)[-1], torch.tensor(-0.5))
+    with pytest.raises(ValueError, match="overlong buffer"):
+        overlong_penalty(lengths, 20, 0)

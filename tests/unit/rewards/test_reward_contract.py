@@ -63,9 +63,17 @@ def test_raising_function_names_function_and_sample_or_scores_default():
     assert rs(["p"], ["oops"], {}).total == [-1.0] and rs.errors == 1
 
 
+def hangs(prompts, completions, **kw):
+    time.sleep(30)
+
+
 def test_slow_and_non_finite_functions_are_refused():
-    with pytest.raises(RewardError, match="took"):
+    with pytest.raises(RewardError, match="did not return within reward.time_limit_s=0.01s"):
         RewardSet([f"{M}:slow"], time_limit_s=0.01)(["p"], ["c"], {})
+    began = time.monotonic()
+    with pytest.raises(RewardError, match="did not return"):  # a hung function stops the run, not hangs it
+        RewardSet([f"{M}:hangs"], time_limit_s=0.5)(["p"], ["c"], {})
+    assert time.monotonic() - began < 5
     with pytest.raises(RewardError, match="expected a finite number"):
         RewardSet([f"{M}:nan"])(["p"], ["c"], {})
 

@@ -55,3 +55,25 @@ def test_generation_then_logprobs_are_consistent_and_grad_flows():
     (new * exp.action_mask).sum().backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
     assert entropy.shape == new.shape
+
+
+def test_values_are_read_before_each_response_token_and_after_the_last():
+    from rlhf.models.critic import build_critic
+    from rlhf.config import ModelConfig
+    from rlhf.rollout.experience import batched_values
+
+    tok, _ = tiny()
+    cfg = ModelConfig(tiny=TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64))
+    critic = build_critic("policy", cfg, None, tok, 0)
+    torch.nn.init.normal_(critic.value_head.weight)
+    long_p, short_p = [10, 11, 12, 13], [14, 15]
+    exp = build_experience([long_p, short_p], [[20, 21, 22], [23]], tok.pad_token_id, tok.eos_token_id, 8)
+    before, after = batched_values(critic, exp, micro_batch_size=1)
+    # the short row alone, unpadded: V at the last prompt token, then at each response token
+    plain = critic(torch.tensor([short_p + [23]]), torch.ones(1, 3, dtype=torch.long))[0]
+    torch.testing.assert_close(before[1], torch.stack([plain[1], torch.tensor(0.0), torch.tensor(0.0)]),
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(after[1], plain[2], atol=1e-5, rtol=1e-5)
+    full = critic(torch.tensor([long_p + [20, 21, 22]]), torch.ones(1, 7, dtype=torch.long))[0]
+    torch.testing.assert_close(before[0], full[3:6], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(after[0], full[6], atol=1e-5, rtol=1e-5)

@@ -1,0 +1,193 @@
+"""`rlhf ppo`: PPO with a critic, GAE and a KL penalty to a frozen reference (InstructGPT, arXiv:2203.02155;
+Ziegler et al. 2019, arXiv:1909.08593; Schulman et al. 2017, arXiv:1707.06347).
+
+Each step: sample responses, score them (reward model or rules), take log-probs of policy and reference and
+values of the critic over the sampled tokens, shape per-token rewards (the score on the last real token, minus
+the KL penalty when algo.kl_in=reward), GAE advantages and returns, then ppo_epochs passes of mini-batch updates
+of the clipped policy loss and the clipped value loss.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf.algos.advantages import gae
+from rlhf.algos.aggregation import aggregate, masked_sum, masked_whiten, whiten
+from rlhf.algos.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_penalty
+from rlhf.algos.policy import clipped_value_loss
+from rlhf.algos.reward_shaping import kl_shaped_rewards, place_sequence_rewards
+from rlhf.engine import checkpoint as ckpt
+from rlhf.engine import distributed as dist
+from rlhf.engine.engine import build_engine, optimizer_step
+from rlhf.errors import ConfigError
+from rlhf.models.critic import CRITIC_INITS, build_critic
+from rlhf.rollout.experience import Experience, batched_logprobs, batched_values, response_values
+from rlhf.trainers.rl import STEP_NORMALISED, RLTrainer, add
+from rlhf.trainers.sft import training_model_config
+
+KL_PLACES = ("reward", "loss")
+TRUNCATION = ("bootstrap", "terminal")
+PPO_LOSS_TYPES = ("token_mean", "seq_mean_token_mean")
+
+
+class PPOTrainer(RLTrainer):
+    stage = "ppo"
+
+    def _check_sizes(self) -> None:
+        a, c = self.cfg.algo, self.cfg.critic
+        for key, value, valid in (("algo.kl_in", a.kl_in, KL_PLACES), ("algo.truncation", a.truncation, TRUNCATION),
+                                  ("algo.loss_type", a.loss_type, PPO_LOSS_TYPES),
+                                  ("critic.init", c.init, ("auto", *CRITIC_INITS)),
+                                  ("algo.kl_estimator", a.kl_estimator, tuple(KL_ESTIMATORS))):
+            if value not in valid:
+                raise ConfigError(f"{key}={value!r}: expected one of {', '.join(valid)}")
+        if a.adaptive_kl and (a.kl_target <= 0 or a.kl_horizon <= 0):
+            raise ConfigError(f"algo.adaptive_kl needs algo.kl_target > 0 and algo.kl_horizon > 0, got "
+                              f"kl_target={a.kl_target}, kl_horizon={a.kl_horizon}")
+        if a.adaptive_kl and a.kl_coef <= 0:
+            raise ConfigError("algo.adaptive_kl steers algo.kl_coef multiplicatively: start it above 0")
+        if a.ppo_epochs < 1 or a.mini_batches < 1 or a.samples_per_prompt < 1:
+            raise ConfigError("algo.ppo_epochs, algo.mini_batches and algo.samples_per_prompt must be >= 1")
+        self.samples_per_prompt, self.passes, self.mini_batches = a.samples_per_prompt, a.ppo_epochs, a.mini_batches
+        self.needs_reference = a.kl_coef > 0
+        super()._check_sizes()
+
+    def setup(self) -> None:
+        super().setup()
+        cfg, a = self.cfg, self.cfg.algo
+        init = cfg.critic.init
+        if init == "auto":
+            init = "reward_model" if cfg.reward.model_path else "policy"
+        if init == "reward_model" and not cfg.reward.model_path:
+            raise ConfigError("critic.init=reward_model needs reward.model_path (a `rlhf train-rm` final/ "
+                              "directory); with rule rewards use critic.init=policy")
+        self.critic_init = init
+        critic = build_critic(init, training_model_config(cfg.model), cfg.reward.model_path, self.tokenizer,
+                              cfg.run.seed)
+        self.critic = build_engine(critic, cfg, self.world, lr=cfg.critic.lr, grad_accum=self.grad_accum,
+                                   optimizer_steps=cfg.trainer.max_steps * self.passes * self.mini_batches)
+        self.engines["critic"] = self.critic
+        self.kl_ctl = AdaptiveKLController(a.kl_coef, a.kl_target, a.kl_horizon) if a.adaptive_kl \
+            else FixedKLController(a.kl_coef)
+
+    def batch_line(self) -> str:
+        return f"{super().batch_line()}; critic from {self.critic_init}"
+
+    # ---- experience --------------------------------------------------------------------------------
+    def make_experience(self, sums: dict[str, float]) -> Experience:
+        cfg, a = self.cfg, self.cfg.algo
+        mb = cfg.trainer.micro_batch_size
+        indices = self.sampler.rank_indices(self.samples_seen, cfg.trainer.prompts_per_step, dist.rank(), self.world)
+        self.samples_seen += cfg.trainer.prompts_per_step
+        exp = self.pack(self.sample(indices, sums))
+        scores = exp.rewards
+        if a.reward_clip is not None:
+            scores = scores.clamp(-a.reward_clip, a.reward_clip)
+        scores = scores - a.missing_eos_penalty * exp.truncated.float()
+        if a.whiten_rewards:
+            scores = whiten(scores, shift_mean=False)
+        mask = exp.action_mask
+        exp.old_logprobs = batched_logprobs(self.engine.module, exp, mb, cfg.rollout.temperature)
+        exp.values, last_values = batched_values(self.critic.module, exp, mb)
+        kl = torch.zeros_like(mask)
+        if self.reference is not None:
+            exp.ref_logprobs = batched_logprobs(self.reference, exp, mb, cfg.rollout.temperature)
+            kl = kl_penalty(exp.old_logprobs, exp.ref_logprobs, a.kl_estimator, mask)
+            for name in sorted({a.kl_estimator, "k1", "k3"}):
+                per_seq = masked_sum(kl_penalty(exp.old_logprobs, exp.ref_logprobs, name, mask), mask, dim=-1)
+                add(sums, {f"kl_{name}": float(per_seq.sum())})
+        if a.kl_in == "reward":
+            rewards = kl_shaped_rewards(scores, kl, self.kl_ctl.value, mask)
+        else:
+            rewards = place_sequence_rewards(scores, mask)
+        # A response cut off by the length limit has not ended: its return continues past the cut, estimated by
+        # the critic's value of the last state. Ended responses (EOS) are terminal: V after them is 0.
+        bootstrap = last_values * exp.truncated.float() if a.truncation == "bootstrap" else None
+        advantages, exp.returns = gae(rewards, exp.values, mask, a.gamma, a.lam, bootstrap)
+        exp.advantages = masked_whiten(advantages, mask) if a.whiten_advantages else advantages
+        residual = exp.returns - exp.values
+        add(sums, {"score": float(scores.sum()), "shaped": float(masked_sum(rewards, mask)),
+                   "value": float(masked_sum(exp.values, mask)), "return": float(masked_sum(exp.returns, mask)),
+                   "return_sq": float(masked_sum(exp.returns ** 2, mask)), "residual": float(masked_sum(residual, mask)),
+                   "residual_sq": float(masked_sum(residual ** 2, mask)),
+                   "advantage": float(masked_sum(advantages, mask)), "action_tokens": float(mask.sum())})
+        return exp
+
+    # ---- update --------------------------------------------------------------------------------------
+    def train_step(self) -> dict[str, Any]:
+        cfg, a = self.cfg, self.cfg.algo
+        sums: dict[str, float] = {}
+        exp = self.make_experience(sums)
+        train_policy = self.step >= cfg.critic.warmup_steps
+        policy_norm = critic_norm = None
+        scale = self.grad_accum * self.world if a.loss_type in STEP_NORMALISED else 1.0
+        for batch, mask, counts, _ in self.update_batches(exp, exp.action_mask):
+            if train_policy:
+                loss = self.policy_loss(batch, mask, counts, sums, epsilon=a.epsilon, epsilon_high=a.epsilon_high,
+                                        loss_type=a.loss_type, kl_coef=self.kl_ctl.value if a.kl_in == "loss" else 0.0,
+                                        kl_estimator=a.kl_estimator, entropy_coef=a.entropy_coef,
+                                        dual_clip=a.dual_clip)
+                norm = self.policy_backward(loss)
+                policy_norm = policy_norm if norm is None else norm
+            values, _ = response_values(self.critic, batch)
+            per_token, stats = clipped_value_loss(values, batch.values, batch.returns, mask, a.value_clip)
+            value_loss = aggregate(per_token, mask, a.loss_type, num_tokens=max(counts["tokens"], 1.0),
+                                   num_seqs=max(counts["seqs"], 1.0))
+            self.critic.backward(a.vf_coef * value_loss * scale)
+            norm = optimizer_step(self.critic)
+            critic_norm = critic_norm if norm is None else norm
+            n = float(mask.sum())
+            add(sums, {"value_loss": value_loss.item(), "value_clip": float(stats["value_clip_frac"]) * n,
+                       "value_tokens": n})
+        s = self.reduce(sums)
+        n = max(s["n"], 1.0)
+        if self.reference is not None:
+            self.kl_ctl.update(s[f"kl_{a.kl_estimator}"] / n, int(n))
+        out = self.common_metrics(s, a.loss_type)
+        if not train_policy:  # critic warm-up: no policy loss was computed
+            out = {k: v for k, v in out.items() if not k.startswith(("loss", "clip_frac", "entropy", "policy/"))}
+        updates = self.passes * self.mini_batches * (1 if a.loss_type in STEP_NORMALISED else self.grad_accum * self.world)
+        tokens = max(s["action_tokens"], 1.0)
+        returns_var = variance(s["return"], s["return_sq"], tokens)
+        out.update({"reward/score": s["score"] / n, "reward/shaped": s["shaped"] / n,
+                    # 1 - Var(R - V) / Var(R): 1 = the critic predicts returns, <= 0 = no better than a constant
+                    "value/explained_variance": 1.0 - variance(s["residual"], s["residual_sq"], tokens) / returns_var
+                    if returns_var > 0 else 0.0,
+                    "value/mean": s["value"] / tokens,
+                    "value/return": s["return"] / tokens, "value/advantage": s["advantage"] / tokens,
+                    "value/loss": s["value_loss"] / updates,
+                    "value/clip_frac": s["value_clip"] / max(s["value_tokens"], 1.0),
+                    "kl_coef": self.kl_ctl.value, "grad_norm": policy_norm, "grad_norm/critic": critic_norm})
+        for key in [k for k in s if k.startswith("kl_k")]:
+            out[f"kl/{key.removeprefix('kl_')}"] = s[key] / n  # per response, summed over its tokens
+        self.last_metrics = out
+        return out
+
+    # ---- state ---------------------------------------------------------------------------------------
+    def extra_state(self) -> dict[str, Any]:
+        return {"kl_coef": self.kl_ctl.state_dict()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        if "kl_coef" in state:
+            self.kl_ctl.load_state_dict(state["kl_coef"])
+
+    def export(self, final_dir: Path) -> None:
+        """The policy in final/, the critic (a one-label sequence classifier) in final/critic/."""
+        super().export(final_dir)
+        state = ckpt.full_state_dict(self.critic)
+        if state is not None:  # ValueModel wraps the classifier: its keys carry a `classifier.` prefix
+            state = {k.removeprefix("classifier."): v for k, v in state.items()}
+        ckpt.save_pretrained(self.critic.module.classifier, self.tokenizer, final_dir / "critic", state_dict=state)
+
+    def summary(self, final_eval: dict[str, float]) -> dict[str, Any]:
+        last = getattr(self, "last_metrics", {})
+        kl_key = f"kl/{self.cfg.algo.kl_estimator}"
+        return {**super().summary(final_eval), "reward": last.get("reward/mean"), "kl": last.get(kl_key)}
+
+
+def variance(total: float, total_sq: float, n: float) -> float:
+    """Population variance from a sum and a sum of squares (as all-reduced over ranks)."""
+    return max(total_sq / n - (total / n) ** 2, 0.0)

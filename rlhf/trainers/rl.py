@@ -1,0 +1,249 @@
+"""What PPO and GRPO share: prompts, the policy and its frozen reference, sampling and scoring, the clipped
+policy-loss update over mini-batches, and held-out evaluation. A stage adds its advantages (and PPO its critic).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+import torch
+
+from rlhf.algos.aggregation import aggregate, masked_sum
+from rlhf.algos.kl import kl_penalty
+from rlhf.algos.policy import clipped_policy_loss
+from rlhf.algos.reward_shaping import overlong_penalty
+from rlhf.data.loading import load_rows
+from rlhf.data.sampler import StepSampler
+from rlhf.data.tokenize import encode_rows, render_prompt
+from rlhf.engine import distributed as dist
+from rlhf.engine.engine import build_engine, optimizer_step, zero_stage
+from rlhf.errors import ConfigError, DataError
+from rlhf.models.zoo import load_policy, load_reference, load_tokenizer
+from rlhf.rewards.combine import RewardSet
+from rlhf.rollout.experience import Experience, build_experience, response_logprobs
+from rlhf.rollout.generation import SamplingParams, generate
+from rlhf.trainers.base import Trainer
+from rlhf.trainers.evaluation import HeldOut, evaluate_policy
+from rlhf.trainers.sft import training_model_config
+
+# Aggregations normalised by a count over the whole mini-batch (all micro-batches and ranks): their micro-batch
+# losses are summed into the update, not averaged, so the update does not depend on how it is split.
+STEP_NORMALISED = {"dapo", "grpo", "seq_mean_token_mean", "seq_mean_token_sum", "dr_grpo"}
+
+
+@dataclass
+class Samples:
+    """Sampled responses before packing: token lists, one score per response, and the prompt row it answers."""
+
+    prompt_ids: list[list[int]]
+    responses: list[list[int]]
+    rewards: list[float]
+    rows: list[int]  # index of the prompt row of each response
+
+    def take(self, index: list[int]) -> "Samples":
+        return Samples(*([getattr(self, f)[i] for i in index] for f in ("prompt_ids", "responses", "rewards", "rows")))
+
+    def __add__(self, other: "Samples") -> "Samples":
+        return Samples(self.prompt_ids + other.prompt_ids, self.responses + other.responses,
+                       self.rewards + other.rewards, self.rows + other.rows)
+
+
+def build_rewards(cfg, device: torch.device) -> RewardSet:
+    """The weighted reward functions of `reward.*`; the name `model` is the reward model at reward.model_path."""
+    r = cfg.reward
+    functions = {}
+    if "model" in r.funcs:
+        if not r.model_path:
+            raise ConfigError("reward.funcs names `model` but reward.model_path is not set: point it at the "
+                              "final/ directory of an `rlhf train-rm` run")
+        from rlhf.rewards.model import RewardModel
+
+        functions["model"] = RewardModel.from_pretrained(r.model_path, normalize=r.normalize, device=device,
+                                                         batch_size=cfg.trainer.micro_batch_size)
+    elif r.model_path:
+        raise ConfigError(f"reward.model_path={r.model_path} is set but reward.funcs={list(r.funcs)} does not "
+                          "name `model`: add it (reward=model, or reward.funcs=[model,format])")
+    return RewardSet(r.funcs, r.weights, r.on_error, r.error_score, r.time_limit_s, api=r.get("api", "auto"),
+                     functions=functions)
+
+
+class RLTrainer(Trainer):
+    """Subclasses set `samples_per_prompt`, `passes`, `mini_batches` and `needs_reference`, and implement
+    `train_step` from `collect`, `update_batches` and `policy_loss`."""
+
+    samples_per_prompt: int = 1
+    passes: int = 1
+    mini_batches: int = 1
+    needs_reference: bool = True
+    samples_label: str = ""  # how the batch line names the samples per prompt ("group " in GRPO)
+
+    def _check_sizes(self) -> None:
+        t = self.cfg.trainer
+        if t.prompts_per_step < self.world or t.prompts_per_step % self.world:
+            raise ConfigError(f"trainer.prompts_per_step={t.prompts_per_step} must be a positive multiple of the "
+                              f"world size {self.world}, so every process gets whole groups")
+        per_rank = t.prompts_per_step // self.world * self.samples_per_prompt
+        if per_rank % (self.mini_batches * t.micro_batch_size):
+            raise ConfigError(
+                f"each process samples {per_rank} responses per step, not a multiple of mini-batches "
+                f"({self.mini_batches}) x trainer.micro_batch_size ({t.micro_batch_size}): change "
+                "trainer.prompts_per_step, the samples per prompt or trainer.micro_batch_size")
+        self.samples_per_rank = per_rank
+        self.grad_accum = per_rank // self.mini_batches // t.micro_batch_size
+
+    def batch_line(self) -> str:
+        t = self.cfg.trainer
+        return (f"batch: {t.prompts_per_step} prompts x {self.samples_label}{self.samples_per_prompt} = "
+                f"{t.prompts_per_step * self.samples_per_prompt} samples/step; per process micro "
+                f"{t.micro_batch_size} x accum {self.grad_accum} x world {self.world} per update; "
+                f"{self.passes} pass(es) x {self.mini_batches} mini-batch(es) = "
+                f"{self.passes * self.mini_batches} update(s) per step")
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        self._check_sizes()
+        self.tokenizer = load_tokenizer(cfg.model)
+        source = cfg.data.path or f"built-in task {cfg.data.task!r}"
+        rows = list(load_rows(cfg.data, "prompt", "train", cfg.run.seed))
+        encoded, kept, dropped = encode_rows(rows, self.tokenizer, cfg.data, None, source)
+        if not encoded:
+            raise DataError(f"{source}: no prompts left after dropping {dropped} longer than "
+                            f"data.max_prompt_length={cfg.data.max_prompt_length}")
+        if dropped:
+            self._info(f"dropped {dropped} of {len(rows)} prompts longer than data.max_prompt_length")
+        self.rows = [rows[i] for i in kept]
+        self.prompt_ids = [e.prompt_ids for e in encoded]
+        self.prompt_texts = [render_prompt(r, self.tokenizer, cfg.data)[0] for r in self.rows]
+        eval_rows = list(load_rows(cfg.data, "prompt", "eval", cfg.run.seed))
+        self.held_out = HeldOut.build(eval_rows, self.tokenizer, cfg.data, cfg.eval.num_examples)
+        self.sampler = StepSampler(len(self.rows), cfg.run.seed)
+        policy = load_policy(training_model_config(cfg.model), self.tokenizer, cfg.run.seed)
+        self.engine = build_engine(policy, cfg, self.world, grad_accum=self.grad_accum,
+                                   optimizer_steps=cfg.trainer.max_steps * self.passes * self.mini_batches)
+        self.engines = {"policy": self.engine}
+        self.rewards = build_rewards(cfg, self.engine.device)
+        self.reference = load_reference(cfg.model, self.tokenizer, cfg.run.seed).to(self.engine.device) \
+            if self.needs_reference else None
+        r = cfg.rollout
+        self.sampling = SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k)
+
+    # ---- experience --------------------------------------------------------------------------------
+    def sample(self, indices: list[int], sums: dict[str, float]) -> Samples:
+        """Sample `samples_per_prompt` responses for each prompt row in `indices` and score them; the reward
+        statistics of every sampled response are added to `sums` (they are what the policy produced)."""
+        cfg, n = self.cfg, self.samples_per_prompt
+        rows = [i for i in indices for _ in range(n)]
+        prompts = [self.prompt_ids[i] for i in rows]
+        responses = generate(self.engine.module, prompts, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id,
+                             self.sampling, cfg.rollout.batch_size, synced_gpus=zero_stage(self.engine) == 3)
+        texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
+        data = [self.rows[i] for i in rows]
+        columns = {k: [r.get(k) for r in data] for k in data[0] if k != "prompt"}
+        scored = self.rewards([self.prompt_texts[i] for i in rows], texts, columns, rows=data)
+        total = torch.tensor(scored.total, dtype=torch.float32)
+        eos = self.tokenizer.eos_token_id
+        lengths = torch.tensor([len(r) for r in responses], dtype=torch.float32)
+        truncated = torch.tensor([(not r or r[-1] != eos) and len(r) >= cfg.rollout.max_new_tokens
+                                  for r in responses], dtype=torch.float32)
+        if cfg.reward.overlong_buffer > 0:
+            penalty = overlong_penalty(lengths, cfg.rollout.max_new_tokens, cfg.reward.overlong_buffer,
+                                       cfg.reward.overlong_penalty)
+            total = total + penalty
+            add(sums, {"fn/overlong": float(penalty.sum()), "fn_n/overlong": float(len(responses))})
+        add(sums, {"reward": float(total.sum()), "reward_sq": float((total ** 2).sum()), "n": float(len(total)),
+                   "length": float(lengths.sum()), "truncated": float(truncated.sum()),
+                   "all_none": float(scored.all_none)})
+        sums["length_max"] = max(sums.get("length_max", 0.0), float(lengths.max()) if len(lengths) else 0.0)
+        for name, values in scored.per_function.items():
+            applied = [v for v in values if v is not None]
+            add(sums, {f"fn/{name}": float(sum(applied)), f"fn_n/{name}": float(len(applied))})
+        return Samples(prompts, [list(r) for r in responses], total.tolist(), rows)
+
+    def pack(self, samples: Samples) -> Experience:
+        """The padded experience of `samples`, its sequence rewards attached."""
+        exp = build_experience(samples.prompt_ids, samples.responses, self.tokenizer.pad_token_id,
+                               self.tokenizer.eos_token_id, self.cfg.rollout.max_new_tokens)
+        exp.rewards = torch.tensor(samples.rewards, dtype=torch.float32)
+        return exp
+
+    # ---- update --------------------------------------------------------------------------------------
+    def update_batches(self, exp: Experience, loss_mask: torch.Tensor) -> Iterator[tuple[Experience, torch.Tensor,
+                                                                                        dict[str, float], bool]]:
+        """(micro-batch, its loss mask, the token/sequence counts of its mini-batch over all ranks, whether it
+        closes an update) for every pass and mini-batch. Mini-batches are shuffled when there are several."""
+        mb, per_mini = self.cfg.trainer.micro_batch_size, len(exp) // self.mini_batches
+        for _ in range(self.passes):
+            order = torch.randperm(len(exp)) if self.mini_batches > 1 else torch.arange(len(exp))
+            for m in range(self.mini_batches):
+                index = order[m * per_mini:(m + 1) * per_mini]
+                mask = loss_mask[index]
+                counts = dist.all_reduce_sum({"tokens": float(mask.sum()), "seqs": float((mask.sum(-1) > 0).sum())})
+                for start in range(0, per_mini, mb):
+                    part = index[start:start + mb]
+                    yield (exp.select(part).to(self.engine.device), loss_mask[part].to(self.engine.device), counts,
+                           start + mb >= per_mini)
+
+    def policy_loss(self, batch: Experience, mask: torch.Tensor, counts: dict[str, float], totals: dict[str, float],
+                    *, epsilon: float, epsilon_high: Optional[float], loss_type: str, kl_coef: float = 0.0,
+                    kl_estimator: str = "k3", entropy_coef: float = 0.0, dual_clip: Optional[float] = None,
+                    ratio_level: str = "token") -> torch.Tensor:
+        """The clipped-ratio loss of one micro-batch (plus kl_coef * KL to the reference and the entropy bonus),
+        scaled so that the micro-batches of an update add up to its loss; statistics are added to `totals`."""
+        logprobs, entropy = response_logprobs(self.engine, batch, self.cfg.rollout.temperature, with_entropy=True)
+        old = batch.old_logprobs if batch.old_logprobs is not None else logprobs.detach()
+        per_token, stats = clipped_policy_loss(logprobs, old, batch.advantages, mask, epsilon, epsilon_high,
+                                               dual_clip=dual_clip, ratio_level=ratio_level)
+        if kl_coef > 0 and batch.ref_logprobs is not None:
+            kl = kl_penalty(logprobs, batch.ref_logprobs, kl_estimator, mask)
+            per_token = per_token + kl_coef * kl
+            add(totals, {"kl": float(masked_sum(kl.detach(), mask))})
+        if entropy_coef:
+            per_token = per_token - entropy_coef * entropy
+        loss = aggregate(per_token, mask, loss_type, num_tokens=max(counts["tokens"], 1.0),
+                         max_len=self.cfg.rollout.max_new_tokens, num_seqs=max(counts["seqs"], 1.0))
+        n = float(mask.sum())
+        add(totals, {"loss": loss.item(), "entropy": float(masked_sum(entropy, mask)),
+                     "clip_low": float(stats["clip_frac_low"]) * n, "clip_high": float(stats["clip_frac_high"]) * n,
+                     "approx_kl": float(stats["approx_kl"]) * n, "tokens": n})
+        return loss * (self.grad_accum * self.world if loss_type in STEP_NORMALISED else 1.0)
+
+    def policy_backward(self, loss: torch.Tensor) -> Optional[float]:
+        self.engine.backward(loss)
+        return optimizer_step(self.engine)
+
+    # ---- metrics -------------------------------------------------------------------------------------
+    def common_metrics(self, s: dict[str, float], loss_type: str) -> dict[str, Any]:
+        """Per-step metrics from the all-reduced sums of `sample` and `policy_loss`."""
+        n, tokens = max(s.get("n", 0.0), 1.0), max(s.get("tokens", 0.0), 1.0)
+        mean = s["reward"] / n
+        # Step-normalised losses of the micro-batches add up to an update's loss; the others are averaged.
+        per_update = 1 if loss_type in STEP_NORMALISED else self.grad_accum * self.world
+        out = {"loss": s.get("loss", 0.0) / (self.passes * self.mini_batches * per_update),
+               "reward/mean": mean, "reward/std": max(s["reward_sq"] / n - mean ** 2, 0.0) ** 0.5,
+               "reward/all_none": s["all_none"], "entropy": s.get("entropy", 0.0) / tokens,
+               "clip_frac/low": s.get("clip_low", 0.0) / tokens, "clip_frac/high": s.get("clip_high", 0.0) / tokens,
+               "policy/approx_kl": s.get("approx_kl", 0.0) / tokens,
+               "response/length_mean": s["length"] / n, "response/length_max": s["length_max"],
+               "response/truncation_rate": s["truncated"] / n}
+        for key in [k for k in s if k.startswith("fn/")]:
+            name = key.removeprefix("fn/")
+            out[f"reward/{name}"] = s[key] / max(s[f"fn_n/{name}"], 1.0)
+        return out
+
+    def reduce(self, sums: dict[str, float]) -> dict[str, float]:
+        """Sum over ranks; the longest response is a max, not a sum."""
+        longest = sums.pop("length_max", 0.0)
+        total = dist.all_reduce_sum(sums)
+        total["length_max"] = dist.all_reduce_max(longest)
+        return total
+
+    def evaluate(self, final: bool = False) -> dict[str, float]:
+        samples = self.run_dir / "eval_samples.jsonl" if final else None
+        return evaluate_policy(self.engine.module, self.tokenizer, self.held_out, self.cfg.eval,
+                               synced_gpus=zero_stage(self.engine) == 3, samples_file=samples)
+
+
+def add(sums: dict[str, float], values: dict[str, float]) -> None:
+    for k, v in values.items():
+        sums[k] = sums.get(k, 0.0) + v
