@@ -285,6 +285,20 @@ class RolloutConfig:
 
 
 @dataclass
+class CodeSandboxConfig:
+    """Limits of the sandboxed process each test of the `code` reward runs in."""
+
+    timeout_s: float = 5.0
+    """Wall-clock limit of one test program."""
+    memory_mb: int = 1024
+    """Address-space limit of one test program."""
+    max_procs: int = 32
+    """Most processes one test program may run (a fork bomb stops there)."""
+    max_workers: Optional[int] = None
+    """Test programs run at once; null = min(4, CPU count)."""
+
+
+@dataclass
 class RewardConfig:
     funcs: List[str] = field(default_factory=lambda: ["accuracy", "format"])
     """Reward functions by registry name (accuracy, format) or dotted path `my_pkg.my_mod:my_reward`."""
@@ -303,11 +317,15 @@ class RewardConfig:
     function named `model` in reward.funcs (reward=model; mix with rules: reward.funcs=[model,format])."""
     normalize: bool = False
     """Standardise reward-model scores with the mean/std saved beside the model (an error if it has none)."""
+    dense: bool = False
+    """PPO: credit each response token with the reward model's per-token reward (a model trained with algo.score=sum, sharing the policy's tokenizer) instead of the whole score on the last token."""
     overlong_buffer: int = 0
     """DAPO's soft overlong penalty: responses longer than rollout.max_new_tokens - overlong_buffer tokens lose up
     to overlong_penalty, linearly over the buffer (0 = off)."""
     overlong_penalty: float = 1.0
     """Largest overlong penalty, reached at rollout.max_new_tokens."""
+    code: CodeSandboxConfig = field(default_factory=CodeSandboxConfig)
+    """Sandbox limits of the `code` reward."""
 
 
 @dataclass

@@ -31,7 +31,10 @@ def render_prompt(row: Mapping[str, Any], tokenizer, data_cfg: DictConfig) -> tu
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), True
     if _is_chat(prompt):
         raise DataError("chat-formatted prompts need data.chat_template=true (or null)")
-    fields = {k: v for k, v in row.items() if isinstance(v, (str, int, float))}
+    # A list of strings (e.g. a code task's test asserts) is shown one per line.
+    fields = {k: "\n".join(v) if isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v) else v
+              for k, v in row.items()}
+    fields = {k: v for k, v in fields.items() if isinstance(v, (str, int, float))}
     try:
         return data_cfg.prompt_template.format(**fields), False
     except (KeyError, IndexError) as exc:

@@ -154,6 +154,13 @@ def score_code(completions: Sequence[Any], tests: Sequence[Any], sandbox: CodeSa
 _default_sandbox: Optional[CodeSandbox] = None
 
 
+def configure_sandbox(**limits: Any) -> CodeSandbox:
+    """Replace the `code` reward's sandbox with one of these limits (CodeSandbox's keyword arguments)."""
+    global _default_sandbox
+    _default_sandbox = CodeSandbox(**limits)
+    return _default_sandbox
+
+
 def default_sandbox() -> CodeSandbox:
     """The sandbox the registered `code` reward uses (created on first use: its isolation probe runs then)."""
     global _default_sandbox

@@ -257,13 +257,22 @@ class RewardModel:
         return self.score_completions([{"prompt": p} for p in prompts], completions)
 
     @torch.no_grad()
-    def per_token_rewards(self, rows: Sequence[Mapping[str, Any]], completions: Sequence[Any]) -> list[list[float]]:
-        """Per-token rewards of each completion's tokens (the reward model's tokenisation, EOS last), for dense
-        rewards in PPO; their sum is the score of a model trained with algo.score=sum. Not normalised."""
+    def per_token_rewards(self, rows: Sequence[Mapping[str, Any]], completions: Sequence[Any],
+                          response_ids: Optional[Sequence[Sequence[int]]] = None) -> list[list[float]]:
+        """Per-token rewards of each completion's tokens (EOS last), for dense rewards in PPO; their sum is the
+        score of a model trained with algo.score=sum. Not normalised. `response_ids`: score exactly these tokens
+        (a policy sharing this tokenizer: decoding and re-encoding may not give its tokens back), closed by EOS
+        when they do not end with it."""
         if not has_token_head(self.classifier):
             raise RewardError(f"{type(self.classifier).__name__} gives one score per sequence, not per token")
+        examples = self._examples(rows, completions)
+        if response_ids is not None:
+            eos = self.tokenizer.eos_token_id
+            examples = [Preference(e.prompt_ids, [list(ids) + ([eos] if eos is not None and (not ids or ids[-1] != eos)
+                                                               else [])])
+                        for e, ids in zip(examples, response_ids)]
         out = []
-        for example in self._examples(rows, completions):
+        for example in examples:
             batch = collate_sequences([example.prompt_ids], example.response_ids, self.tokenizer.pad_token_id)
             rewards = token_rewards(self.classifier, batch["input_ids"].to(self.device),
                                     batch["attention_mask"].to(self.device))[0]

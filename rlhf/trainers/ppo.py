@@ -25,7 +25,7 @@ from rlhf.engine.engine import build_engine, optimizer_step
 from rlhf.errors import ConfigError
 from rlhf.models.critic import CRITIC_INITS, build_critic
 from rlhf.rollout.experience import Experience, batched_logprobs, batched_values, response_values
-from rlhf.trainers.rl import STEP_NORMALISED, RLTrainer, add
+from rlhf.trainers.rl import STEP_NORMALISED, RLTrainer, Samples, add
 from rlhf.trainers.sft import training_model_config
 
 KL_PLACES = ("reward", "loss")
@@ -67,11 +67,24 @@ class PPOTrainer(RLTrainer):
         self.critic_init = init
         critic = build_critic(init, training_model_config(cfg.model), cfg.reward.model_path, self.tokenizer,
                               cfg.run.seed)
+        if init == "reward_model" and "model" in self.rewards.names:
+            self._scale_critic_head(critic)
         self.critic = build_engine(critic, cfg, self.world, lr=cfg.critic.lr, grad_accum=self.grad_accum,
                                    optimizer_steps=cfg.trainer.max_steps * self.passes * self.mini_batches)
         self.engines["critic"] = self.critic
         self.kl_ctl = AdaptiveKLController(a.kl_coef, a.kl_target, a.kl_horizon) if a.adaptive_kl \
             else FixedKLController(a.kl_coef)
+
+    def _scale_critic_head(self, critic) -> None:
+        """A critic copied from the reward model predicts raw scores; the rewards it must predict are the model's
+        scores x its weight in reward.funcs, standardised when reward.normalize is on. Rescale the head to that
+        scale (the head has no bias in most decoders, so the mean offset is left for the critic to learn)."""
+        index = self.rewards.names.index("model")
+        model, weight = self.rewards.funcs[index], self.rewards.weights[index]
+        with torch.no_grad():
+            critic.value_head.weight.mul_(weight / model.std)
+            if critic.value_head.bias is not None:
+                critic.value_head.bias.sub_(model.mean).mul_(weight / model.std)
 
     def batch_line(self) -> str:
         return f"{super().batch_line()}; critic from {self.critic_init}"
@@ -82,8 +95,10 @@ class PPOTrainer(RLTrainer):
         mb = cfg.trainer.micro_batch_size
         indices = self.sampler.rank_indices(self.samples_seen, cfg.trainer.prompts_per_step, dist.rank(), self.world)
         self.samples_seen += cfg.trainer.prompts_per_step
-        exp = self.pack(self.sample(indices, sums))
-        scores = exp.rewards
+        samples = self.sample(indices, sums)
+        exp = self.pack(samples)
+        dense = self.dense_rewards(samples, exp) if cfg.reward.dense else None
+        scores = exp.rewards if dense is None else exp.rewards - dense.sum(-1)
         if a.reward_clip is not None:
             scores = scores.clamp(-a.reward_clip, a.reward_clip)
         scores = scores - a.missing_eos_penalty * exp.truncated.float()
@@ -103,6 +118,8 @@ class PPOTrainer(RLTrainer):
             rewards = kl_shaped_rewards(scores, kl, self.kl_ctl.value, mask)
         else:
             rewards = place_sequence_rewards(scores, mask)
+        if dense is not None:
+            rewards = rewards + dense
         # A response cut off by the length limit has not ended: its return continues past the cut, estimated by
         # the critic's value of the last state. Ended responses (EOS) are terminal: V after them is 0.
         bootstrap = last_values * exp.truncated.float() if a.truncation == "bootstrap" else None
@@ -115,6 +132,35 @@ class PPOTrainer(RLTrainer):
                    "residual_sq": float(masked_sum(residual ** 2, mask)),
                    "advantage": float(masked_sum(advantages, mask)), "action_tokens": float(mask.sum())})
         return exp
+
+    def dense_rewards(self, samples: Samples, exp: Experience) -> torch.Tensor:
+        """The reward model's share of each response's reward spread over its tokens, [B, R]: weight x per-token
+        reward / std, with -weight x mean / std on the last token, so a response's total reward is unchanged
+        and only its credit assignment moves (Christiano et al. 2017's summed per-token form)."""
+        if "model" not in self.rewards.names:
+            raise ConfigError("reward.dense=true needs the reward model among reward.funcs (reward=model)")
+        model = self.rewards.funcs[self.rewards.names.index("model")]
+        if model.info.score != "sum":
+            raise ConfigError(f"reward.dense=true needs a reward model trained with algo.score=sum (its per-token "
+                              f"rewards add up to its score); {self.cfg.reward.model_path} reads its "
+                              f"{model.info.score} score")
+        if not getattr(self, "_same_vocab", False):
+            if model.tokenizer.get_vocab() != self.tokenizer.get_vocab():
+                raise ConfigError("reward.dense=true needs the reward model to share the policy's tokenizer (its "
+                                  "rewards are read on the policy's tokens)")
+            self._same_vocab = True
+        weight = self.rewards.weights[self.rewards.names.index("model")]
+        texts = self.tokenizer.batch_decode(samples.responses, skip_special_tokens=True)
+        per_token = model.per_token_rewards([self.rows[i] for i in samples.rows], texts, samples.responses)
+        dense = torch.zeros_like(exp.action_mask)
+        for b, (values, response) in enumerate(zip(per_token, samples.responses)):
+            n = len(response)
+            row = torch.tensor(values[:n], dtype=dense.dtype)
+            if n and len(values) == n + 1:  # the RM closes a truncated response with EOS: that reward goes last
+                row[-1] += values[-1]
+            row[-1:] -= model.mean if n else 0.0
+            dense[b, :n] = weight * row / model.std
+        return dense
 
     # ---- update --------------------------------------------------------------------------------------
     def train_step(self) -> dict[str, Any]:

@@ -59,9 +59,14 @@ def build_rewards(cfg, device: torch.device) -> RewardSet:
                               "final/ directory of an `rlhf train-rm` run")
         from rlhf.rewards.model import RewardModel
 
-        functions["model"] = RewardModel.from_pretrained(r.model_path, normalize=r.normalize, device=device,
-                                                         batch_size=cfg.trainer.micro_batch_size)
-    elif r.model_path:
+        functions["model"] = RewardModel.from_pretrained(r.model_path, normalize=r.normalize, dtype=cfg.model.dtype,
+                                                         device=device, batch_size=cfg.trainer.micro_batch_size)
+    if "code" in r.funcs:
+        from rlhf.rewards.code import configure_sandbox
+
+        configure_sandbox(timeout_s=r.code.timeout_s, memory_mb=r.code.memory_mb, max_procs=r.code.max_procs,
+                          max_workers=r.code.max_workers)
+    if r.model_path and "model" not in r.funcs:
         raise ConfigError(f"reward.model_path={r.model_path} is set but reward.funcs={list(r.funcs)} does not "
                           "name `model`: add it (reward=model, or reward.funcs=[model,format])")
     return RewardSet(r.funcs, r.weights, r.on_error, r.error_score, r.time_limit_s, api=r.get("api", "auto"),

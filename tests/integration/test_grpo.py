@@ -93,3 +93,19 @@ def test_dynamic_sampling_resamples_flat_groups_and_overlong_penalty_is_logged(t
     train = [r for r in read_metrics(run_dir) if "reward/mean" in r][0]
     assert 0 <= train["reward/resample_rounds"] <= 2 and "reward/zero_variance_frac" in train
     assert train["reward/overlong"] < 0  # the barely trained model's 8-token responses ran into the limit
+
+
+def test_grpo_with_the_code_reward_on_a_local_file_in_mbpp_layout(tmp_path, fast, sft_checkpoint):
+    data = tmp_path / "mbpp"
+    data.mkdir()
+    for split in ("train", "test"):
+        rows = [{"text": f"Write add{i}(a, b).", "code": f"def add{i}(a, b):\n    return a + b",
+                 "test_list": [f"assert add{i}(1, 2) == 3"]} for i in range(4)]
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run_dir = tmp_path / "grpo"
+    run_cli("grpo", f"run.dir={run_dir}", f"model.name_or_path={sft_checkpoint}", "data=mbpp", f"data.path={data}",
+            "data.subset=null", "data.prompt_template='{prompt}\n{tests}'", "data.max_prompt_length=96",
+            "reward=code", "reward.code.timeout_s=2", "trainer.max_steps=1", "trainer.eval_every=0",
+            "trainer.prompts_per_step=2", "algo.group_size=4", "rollout.max_new_tokens=8", *fast)
+    train = [r for r in read_metrics(run_dir) if "reward/mean" in r][0]
+    assert train["reward/code"] == 0.0 and train["reward/all_none"] == 0  # scored (and failed), not skipped

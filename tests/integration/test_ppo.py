@@ -83,3 +83,26 @@ def test_ppo_refuses_bad_settings_clearly(tmp_path, fast, override, message):
 def test_ppo_adaptive_kl_refuses_a_non_positive_target(tmp_path, fast):
     proc = run_cli("ppo", f"run.dir={tmp_path}/r", "algo.adaptive_kl=true", "algo.kl_target=0", *fast, check=False)
     assert proc.returncode == 2 and "algo.kl_target" in proc.stderr
+
+
+def test_ppo_with_dense_per_token_rewards_keeps_each_response_total(tmp_path, fast, checkpoints):
+    policy, _ = checkpoints
+    run_cli("train-rm", f"run.dir={tmp_path}/rm", f"model.name_or_path={policy}", "algo.score=sum",
+            "trainer.max_steps=2", "trainer.eval_every=0", "data.arithmetic.num_train=64",
+            "data.arithmetic.num_eval=16", "trainer.micro_batch_size=8", "logger.progress=false")
+    run_dir = tmp_path / "ppo"
+    run_cli("ppo", f"run.dir={run_dir}", f"model.name_or_path={policy}", "reward=model",
+            f"reward.model_path={tmp_path}/rm/final", "reward.dense=true", "algo.kl_coef=0", "trainer.max_steps=1",
+            "trainer.eval_every=0", *fast, *SMALL)
+    train = [r for r in read_metrics(run_dir) if "reward/mean" in r][0]
+    # without a KL penalty the per-token rewards of a response add up to its reward model score
+    assert train["reward/shaped"] == pytest.approx(train["reward/mean"], abs=1e-4)
+    assert "kl/k1" not in train  # kl_coef=0: no reference model
+
+
+def test_dense_rewards_need_a_summed_score_model(tmp_path, fast, checkpoints):
+    policy, reward_model = checkpoints
+    proc = run_cli("ppo", f"run.dir={tmp_path}/r", f"model.name_or_path={policy}", "reward=model",
+                   f"reward.model_path={reward_model}", "reward.dense=true", "trainer.max_steps=1", *fast, *SMALL,
+                   check=False)
+    assert proc.returncode == 2 and "algo.score=sum" in proc.stderr

@@ -165,8 +165,11 @@ def arithmetic_preferences(cfg: Any, split: str, seed: int) -> list[dict]:
 
     chosen is the correct R1-format solution. rejected is the carry-forgetting solution for half of the
     problems that carry; otherwise, with equal odds, the right work with an answer a little off (+-1, +-2
-    or +-10), the right answer without `</answer>`, or the right answer without a think block.
-    So every rejected fails the accuracy or the format reward, and chosen passes both.
+    or +-10), a column added wrong, a carry added where none was due (the answer following the faulty
+    column in both), the right answer without `</answer>`, or the right answer without a think block.
+    So every rejected fails the accuracy or the format reward, and chosen passes both. The faulty-column
+    kinds make the reward model check each column, not only whether a carry appears: a policy optimised
+    against it otherwise learns to write carries everywhere.
     """
     rng = random.Random(f"arithmetic/preferences/{split}/{seed}")
     rows = []
@@ -174,10 +177,22 @@ def arithmetic_preferences(cfg: Any, split: str, seed: int) -> list[dict]:
         steps, total, carried = _columns(a, b, drop_carries=False)
         # On carry problems half the rejections are the flawed teacher's: the mistake an SFT policy
         # copied from it is the one the reward model most needs to recognise.
-        kinds = ["off_by", "unclosed_answer", "no_think"] + (["carry_drop"] * 3 if carried else [])
+        kinds = ["off_by", "bad_column", "spurious_carry", "unclosed_answer", "no_think"] + (
+            ["carry_drop"] * 5 if carried else [])
         kind = rng.choice(kinds)
+        free = [i for i, step in enumerate(steps) if step.count("+") == 1]  # columns no carry reaches
+        if kind == "spurious_carry" and not free:
+            kind = "bad_column"
         if kind == "carry_drop":
             rejected = solution(a, b, drop_carries=True)
+        elif kind in ("bad_column", "spurious_carry"):
+            i = rng.choice(free) if kind == "spurious_carry" else rng.randrange(len(steps))
+            delta = 1 if kind == "spurious_carry" else rng.choice([d for d in (-2, -1, 1, 2)
+                                                                   if int(steps[i].split("=")[1]) + d >= 0])
+            lhs, value = steps[i].split("=")
+            faulty = list(steps)
+            faulty[i] = f"{lhs}+1={int(value) + 1}" if kind == "spurious_carry" else f"{lhs}={int(value) + delta}"
+            rejected = _completion(faulty, str(a + b + delta * 10 ** i))
         elif kind == "off_by":
             offsets = [d for d in (-10, -2, -1, 1, 2, 10) if a + b + d >= 0]
             rejected = _completion(steps, str(a + b + rng.choice(offsets)))
