@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import inspect
 import re
+import typing
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -494,6 +495,7 @@ def load_config(stage: str, overrides: list[str]) -> DictConfig:
             del cfg["hydra"]
         OmegaConf.resolve(cfg)
         _check_missing(cfg)
+        _check_known(cfg, STAGE_SCHEMAS[stage])
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(_explain(exc, stage)) from None
     if choices.get("model") == "hf" and not cfg.model.name_or_path:
@@ -509,6 +511,21 @@ def _check_missing(cfg: DictConfig, prefix: str = "") -> None:
         value = cfg[key]
         if isinstance(value, DictConfig):
             _check_missing(value, f"{full}.")
+
+
+def _check_known(cfg: DictConfig, schema: type, prefix: str = "") -> None:
+    """Refuse keys the schema does not define: `+trainer.lrr=1e-4` would otherwise be added and silently ignored.
+    Free-form mappings (Dict fields such as data.columns) take any key."""
+    hints = typing.get_type_hints(schema)
+    for key in cfg:
+        full = f"{prefix}{key}"
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), list(hints), n=3)
+            hint = f" Did you mean {', '.join(f'{prefix}{c}' for c in close)}?" if close else ""
+            under = f" under {prefix[:-1]!r}" if prefix else ""
+            raise ConfigError(f"unknown config key {full!r}.{hint} Valid keys{under}: {', '.join(hints)}.")
+        if dataclasses.is_dataclass(hints[key]) and isinstance(cfg[key], DictConfig):
+            _check_known(cfg[key], hints[key], f"{full}.")
 
 
 def _valid_keys(stage: str, parent: str) -> list[str]:

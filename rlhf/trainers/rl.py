@@ -4,6 +4,7 @@ policy-loss update over mini-batches, and held-out evaluation. A stage adds its 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
@@ -140,8 +141,10 @@ class RLTrainer(Trainer):
         cfg, n = self.cfg, self.samples_per_prompt
         rows = [i for i in indices for _ in range(n)]
         prompts = [self.prompt_ids[i] for i in rows]
+        began = time.perf_counter()
         responses = generate(self.engine.module, prompts, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id,
                              self.sampling, cfg.rollout.batch_size, synced_gpus=zero_stage(self.engine) == 3)
+        sums["generate_s"] = sums.get("generate_s", 0.0) + time.perf_counter() - began
         texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
         data = [self.rows[i] for i in rows]
         columns = {k: [r.get(k) for r in data] for k in data[0] if k != "prompt"}
@@ -230,17 +233,18 @@ class RLTrainer(Trainer):
                "clip_frac/low": s.get("clip_low", 0.0) / tokens, "clip_frac/high": s.get("clip_high", 0.0) / tokens,
                "policy/approx_kl": s.get("approx_kl", 0.0) / tokens,
                "response/length_mean": s["length"] / n, "response/length_max": s["length_max"],
-               "response/truncation_rate": s["truncated"] / n}
+               "response/truncation_rate": s["truncated"] / n, "time/generate_s": s["generate_s"],
+               "perf/completions_per_s": s["n"] / max(s["generate_s"], 1e-9)}
         for key in [k for k in s if k.startswith("fn/")]:
             name = key.removeprefix("fn/")
             out[f"reward/{name}"] = s[key] / max(s[f"fn_n/{name}"], 1.0)
         return out
 
     def reduce(self, sums: dict[str, float]) -> dict[str, float]:
-        """Sum over ranks; the longest response is a max, not a sum."""
-        longest = sums.pop("length_max", 0.0)
+        """Sum over ranks; the longest response and the generation time (ranks generate at once) are maxima."""
+        maxima = {k: sums.pop(k, 0.0) for k in ("length_max", "generate_s")}
         total = dist.all_reduce_sum(sums)
-        total["length_max"] = dist.all_reduce_max(longest)
+        total.update({k: dist.all_reduce_max(v) for k, v in maxima.items()})
         return total
 
     def evaluate(self, final: bool = False) -> dict[str, float]:

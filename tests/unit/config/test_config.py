@@ -37,6 +37,8 @@ def test_overrides_apply_and_groups_switch():
         ("deepspeed=zero9", "Did you mean deepspeed=zero3?"),
         ("trainer.lr", "overrides are key=value"),
         ("model=hf", "model=hf needs model.name_or_path"),
+        ("+trainer.lrr=1", "unknown config key 'trainer.lrr'. Did you mean trainer.lr?"),
+        ("+model.tiny.hidden=8", "unknown config key 'model.tiny.hidden'. Did you mean model.tiny.hidden_size"),
     ],
 )
 def test_config_errors_are_one_clear_line(override, expected):
@@ -45,6 +47,11 @@ def test_config_errors_are_one_clear_line(override, expected):
     message = str(info.value)
     assert expected in message
     assert "\n" not in message
+
+
+def test_free_form_mappings_take_new_keys():
+    cfg = load_config("sft", ["+data.columns.prompt=question", "+deepspeed.overrides.wall_clock_breakdown=true"])
+    assert cfg.data.columns.prompt == "question" and cfg.deepspeed.overrides.wall_clock_breakdown
 
 
 def test_unknown_key_lists_valid_keys():

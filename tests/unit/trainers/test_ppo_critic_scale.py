@@ -1,0 +1,24 @@
+"""A critic copied from the reward model is rescaled to the rewards PPO actually gives it to predict."""
+
+from types import SimpleNamespace
+
+import torch
+from omegaconf import OmegaConf
+
+from rlhf.config import ModelConfig, PPOConfig, TinyModelConfig
+from rlhf.models.critic import build_critic
+from rlhf.models.tokenizer import build_char_tokenizer
+from rlhf.trainers.ppo import PPOTrainer
+
+
+def test_critic_head_takes_the_reward_weight_and_normalisation():
+    tok = build_char_tokenizer()
+    cfg = ModelConfig(tiny=TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64))
+    critic = build_critic("policy", cfg, None, tok, 0)
+    torch.nn.init.normal_(critic.value_head.weight)
+    before = critic.value_head.weight.detach().clone()
+    trainer = PPOTrainer(OmegaConf.structured(PPOConfig))
+    trainer.rewards = SimpleNamespace(names=["format", "model"], weights=[0.2, 0.5],
+                                      funcs=[None, SimpleNamespace(mean=2.0, std=4.0)])
+    trainer._scale_critic_head(critic)
+    torch.testing.assert_close(critic.value_head.weight, before * 0.5 / 4.0)
