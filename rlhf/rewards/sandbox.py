@@ -161,6 +161,17 @@ def _remove_tree(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def default_python() -> str:
+    """This interpreter's real file: a virtualenv's `bin/python` is a symlink that may sit under /tmp, which the
+    sandbox replaces with its private tmpfs (the test programs need only the standard library). An interpreter
+    that itself lives under /tmp falls back to the system's python3."""
+    real = os.path.realpath(sys.executable)
+    if real.startswith("/tmp/"):
+        system = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")
+        return os.path.realpath(system) if system else real
+    return real
+
+
 class CodeSandbox:
     """Runs Python programs one process each, at most max_workers at a time (see the module docstring).
 
@@ -168,7 +179,7 @@ class CodeSandbox:
     ceil(timeout_s)). max_procs: processes/threads the program may add. max_output_bytes: cap on each of
     stdout/stderr and on any file written. max_workers: concurrent runs (default min(4, cpu count)).
     tmpfs_mb: size of the private tmpfs holding the working directory (namespace modes). isolation: auto
-    (the strongest that works) or one of MODES. python: the interpreter (default: this one). uid_base: the
+    (the strongest that works) or one of MODES. python: the interpreter (default: this one's real file, see default_python). uid_base: the
     lowest uid programs run as when root ("namespaces", "uid"); uids from it up must belong to no one.
     """
 
@@ -183,7 +194,7 @@ class CodeSandbox:
         self.cpu_s = int(cpu_s) if cpu_s is not None else max(1, math.ceil(timeout_s))
         self.max_output_bytes, self.tmpfs_mb = int(max_output_bytes), int(tmpfs_mb)
         self.max_workers = int(max_workers) if max_workers else min(4, os.cpu_count() or 1)
-        self.requested, self.python, self.uid_base = isolation, python or sys.executable, int(uid_base)
+        self.requested, self.python, self.uid_base = isolation, python or default_python(), int(uid_base)
         self._slots = threading.BoundedSemaphore(self.max_workers)
 
     # ---- public API ---------------------------------------------------------------------------------
