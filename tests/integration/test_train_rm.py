@@ -2,17 +2,14 @@ import json
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
-    BertConfig,
-    BertForSequenceClassification,
-    PreTrainedTokenizerFast,
 )
 
 from rlhf.rewards.model import INFO_FILE, RewardModel
 from tests.integration.conftest import run_cli
+from tests.tiny_models import save_tiny_bert_classifier
 
 pytestmark = pytest.mark.slow
 
@@ -144,17 +141,7 @@ def test_eval_scores_a_policy_and_needs_a_model(tmp_path, fast):
 
 def test_encoder_classifier_trains_and_scores(tmp_path):
     """A BERT-style reward model (its own pooling head) given by model.name_or_path."""
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + [chr(c) for c in range(32, 127)]
-    backend = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    backend.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
-                                                           special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]",
-                                        cls_token="[CLS]", sep_token="[SEP]")
-    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128, num_labels=1)
-    BertForSequenceClassification(config).save_pretrained(tmp_path / "bert")
-    tokenizer.save_pretrained(tmp_path / "bert")
+    save_tiny_bert_classifier(tmp_path / "bert")
     run_dir = tmp_path / "rm"
     run_cli("train-rm", f"run.dir={run_dir}", f"model.name_or_path={tmp_path / 'bert'}",
             "data.arithmetic.num_train=32", "data.arithmetic.num_eval=8", "trainer.max_steps=2", *TINY)

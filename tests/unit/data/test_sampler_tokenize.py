@@ -1,5 +1,4 @@
 import pytest
-import torch
 from omegaconf import OmegaConf
 
 from rlhf.config import DataConfig

@@ -8,8 +8,6 @@ import torch
 from omegaconf import OmegaConf
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
     GPT2Config,
     GPT2LMHeadModel,
     PreTrainedTokenizerFast,
@@ -33,6 +31,7 @@ from rlhf.rewards.model import (
     sequence_scores,
     token_rewards,
 )
+from tests.tiny_models import save_tiny_bert_classifier
 
 ARCH = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_position_embeddings=128)
 CORPUS = ["the quick brown fox jumps over the lazy dog", "12+34=46", "hello world, hello there"] * 20
@@ -214,18 +213,7 @@ def test_sum_score_is_the_sum_of_response_token_rewards(model_dirs):
 
 def test_encoder_classifier_scores_through_its_own_head(tmp_path):
     """BERT-style reward models pool with their own head; they score but cannot give per-token rewards."""
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + [chr(c) for c in range(32, 127)]
-    backend = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    backend.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
-                                                           special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]",
-                                        cls_token="[CLS]", sep_token="[SEP]")
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64, num_labels=1)
-    BertForSequenceClassification(config).save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
+    save_tiny_bert_classifier(tmp_path, max_positions=64)
     model, tokenizer = load(tmp_path)
     examples = [encode_preference({"prompt": p, "chosen": r, "rejected": r + "!"}, tokenizer, data_cfg())[0]
                 for p, r in zip(PROMPTS, RESPONSES)]
