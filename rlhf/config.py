@@ -87,6 +87,8 @@ class ArithmeticConfig:
     """Share of demonstrations whose answer is replaced by a wrong one."""
     carry_drop_rate: float = 0.5
     """Share of demonstrations that systematically drop carries (a flawed teacher)."""
+    pairs_per_problem: int = 1
+    """Preference pairs per training problem, each with a different kind of rejection (held-out problems keep one)."""
 
 
 @dataclass

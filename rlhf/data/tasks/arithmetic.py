@@ -160,6 +160,28 @@ def arithmetic_demonstrations(cfg: Any, split: str, seed: int) -> list[dict]:
     return rows
 
 
+def _rejection(kind: str, a: int, b: int, steps: list[str], total: str, rng: random.Random) -> str:
+    """A flawed completion of `a+b=` of the given kind (see arithmetic_preferences)."""
+    free = [i for i, step in enumerate(steps) if step.count("+") == 1]  # columns no carry reaches
+    if kind == "spurious_carry" and not free:
+        kind = "bad_column"
+    if kind == "carry_drop":
+        return solution(a, b, drop_carries=True)
+    if kind in ("bad_column", "spurious_carry"):
+        i = rng.choice(free) if kind == "spurious_carry" else rng.randrange(len(steps))
+        lhs, value = steps[i].split("=")
+        delta = 1 if kind == "spurious_carry" else rng.choice([d for d in (-2, -1, 1, 2) if int(value) + d >= 0])
+        faulty = list(steps)
+        faulty[i] = f"{lhs}+1={int(value) + 1}" if kind == "spurious_carry" else f"{lhs}={int(value) + delta}"
+        return _completion(faulty, str(a + b + delta * 10 ** i))
+    if kind == "off_by":
+        offsets = [d for d in (-10, -2, -1, 1, 2, 10) if a + b + d >= 0]
+        return _completion(steps, str(a + b + rng.choice(offsets)))
+    if kind == "unclosed_answer":
+        return f"<think>{','.join(steps)}</think><answer>{total}"
+    return f"<answer>{total}</answer>"
+
+
 def arithmetic_preferences(cfg: Any, split: str, seed: int) -> list[dict]:
     """Reward-model pairs {prompt, chosen, rejected, answer}.
 
@@ -172,33 +194,20 @@ def arithmetic_preferences(cfg: Any, split: str, seed: int) -> list[dict]:
     against it otherwise learns to write carries everywhere.
     """
     rng = random.Random(f"arithmetic/preferences/{split}/{seed}")
+    per_problem = max(1, int(getattr(cfg, "pairs_per_problem", 1))) if split == "train" else 1
     rows = []
     for a, b in _pairs(cfg, split, seed):
         steps, total, carried = _columns(a, b, drop_carries=False)
+        chosen = _completion(steps, total)
         # On carry problems half the rejections are the flawed teacher's: the mistake an SFT policy
         # copied from it is the one the reward model most needs to recognise.
         kinds = ["off_by", "bad_column", "spurious_carry", "unclosed_answer", "no_think"] + (
             ["carry_drop"] * 5 if carried else [])
-        kind = rng.choice(kinds)
-        free = [i for i, step in enumerate(steps) if step.count("+") == 1]  # columns no carry reaches
-        if kind == "spurious_carry" and not free:
-            kind = "bad_column"
-        if kind == "carry_drop":
-            rejected = solution(a, b, drop_carries=True)
-        elif kind in ("bad_column", "spurious_carry"):
-            i = rng.choice(free) if kind == "spurious_carry" else rng.randrange(len(steps))
-            delta = 1 if kind == "spurious_carry" else rng.choice([d for d in (-2, -1, 1, 2)
-                                                                   if int(steps[i].split("=")[1]) + d >= 0])
-            lhs, value = steps[i].split("=")
-            faulty = list(steps)
-            faulty[i] = f"{lhs}+1={int(value) + 1}" if kind == "spurious_carry" else f"{lhs}={int(value) + delta}"
-            rejected = _completion(faulty, str(a + b + delta * 10 ** i))
-        elif kind == "off_by":
-            offsets = [d for d in (-10, -2, -1, 1, 2, 10) if a + b + d >= 0]
-            rejected = _completion(steps, str(a + b + rng.choice(offsets)))
-        elif kind == "unclosed_answer":
-            rejected = f"<think>{','.join(steps)}</think><answer>{total}"
-        else:
-            rejected = f"<answer>{total}</answer>"
-        rows.append({"prompt": f"{a}+{b}=", "chosen": _completion(steps, total), "rejected": rejected, "answer": total})
+        for _ in range(per_problem):
+            if not kinds:
+                break
+            kind = rng.choice(kinds)
+            kinds = [k for k in kinds if k != kind]  # another pair of this problem rejects differently
+            rows.append({"prompt": f"{a}+{b}=", "chosen": chosen, "rejected": _rejection(kind, a, b, steps, total, rng),
+                         "answer": total})
     return rows

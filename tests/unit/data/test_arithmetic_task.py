@@ -157,3 +157,15 @@ def test_preferences_put_a_verified_answer_above_a_flawed_one(split):
     )
     assert carry_drops > len(rows) / 10
     assert rows == arithmetic_preferences(cfg, split, seed=0)
+
+
+def test_several_pairs_per_problem_reject_in_different_ways_on_train_only():
+    cfg = ArithmeticConfig(num_train=50, num_eval=20, pairs_per_problem=3)
+    rows = arithmetic_preferences(cfg, "train", seed=0)
+    assert len(rows) == 150
+    for i in range(0, 150, 3):
+        group = rows[i:i + 3]
+        assert len({r["prompt"] for r in group}) == 1 and len({r["rejected"] for r in group}) == 3
+    assert len(arithmetic_preferences(cfg, "test", seed=0)) == 20
+    one = arithmetic_preferences(ArithmeticConfig(num_train=50, num_eval=20), "train", seed=0)
+    assert [r["prompt"] for r in one] == [r["prompt"] for r in rows[::3]]
