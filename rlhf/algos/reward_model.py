@@ -65,15 +65,7 @@ def listwise_loss(scores: Tensor, mask: Optional[Tensor] = None, reduction: str 
     marks the real candidates of ragged lists; they must come first in each row (a prefix) and number at least 2.
     ``reduction``: "mean" | "sum" | "none" (one loss per list).
     """
-    if scores.dim() != 2:
-        raise ValueError(f"scores must be [N, K] ranked best first, got {list(scores.shape)}")
-    if mask is None:
-        mask = torch.ones_like(scores, dtype=torch.bool)
-    check_same_shape(scores=scores, mask=mask)
-    valid = mask != 0
-    if (valid[:, 1:] & ~valid[:, :-1]).any() or (valid.sum(-1) < 2).any():
-        raise ValueError("each row of the listwise mask must be a prefix of at least 2 real candidates")
-    scores = torch.where(valid, scores, torch.zeros((), dtype=scores.dtype, device=scores.device))
+    scores, valid = _ranked_lists(scores, mask, prefix=True)
     # suffix[n, k, j]: candidate j is real and still unplaced when place k is filled (j >= k). The diagonal is
     # always in, so the rows of padded places stay finite (their terms are masked out below).
     num = scores.shape[1]
@@ -86,18 +78,26 @@ def listwise_loss(scores: Tensor, mask: Optional[Tensor] = None, reduction: str 
     return _reduce(loss, reduction)
 
 
-def _ordered_pairs(scores: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    """Scores with padded candidates zeroed (NaN there stays harmless), and pairs[n, j, k]: j ranked above k,
-    both real, for lists [N, K] ordered best first."""
+def _ranked_lists(scores: Tensor, mask: Optional[Tensor], prefix: bool = False) -> tuple[Tensor, Tensor]:
+    """Check lists [N, K] ranked best first (at least 2 real candidates each; with `prefix`, real ones first) and
+    return the scores with padded candidates zeroed, and the boolean mask of real ones."""
     if scores.dim() != 2:
         raise ValueError(f"scores must be [N, K] ranked best first, got {list(scores.shape)}")
     if mask is None:
         mask = torch.ones_like(scores, dtype=torch.bool)
     check_same_shape(scores=scores, mask=mask)
     valid = mask != 0
+    if prefix and ((valid[:, 1:] & ~valid[:, :-1]).any() or (valid.sum(-1) < 2).any()):
+        raise ValueError("each row of the listwise mask must be a prefix of at least 2 real candidates")
     if (valid.sum(-1) < 2).any():
         raise ValueError("every ranked list needs at least 2 real candidates")
-    scores = torch.where(valid, scores, torch.zeros((), dtype=scores.dtype, device=scores.device))
+    return torch.where(valid, scores, torch.zeros((), dtype=scores.dtype, device=scores.device)), valid
+
+
+def _ordered_pairs(scores: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """Scores with padded candidates zeroed (NaN there stays harmless), and pairs[n, j, k]: j ranked above k,
+    both real, for lists [N, K] ordered best first."""
+    scores, valid = _ranked_lists(scores, mask)
     num = scores.shape[1]
     earlier = torch.ones(num, num, dtype=torch.bool, device=scores.device).triu(1)
     return scores, earlier & valid[:, :, None] & valid[:, None, :]
