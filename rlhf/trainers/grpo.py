@@ -75,9 +75,7 @@ class GRPOTrainer(RLTrainer):
         if a.zero_variance != "keep":
             keep &= ~flat
         if a.mask_truncated:
-            eos = self.tokenizer.eos_token_id
-            keep &= torch.tensor([bool(r) and r[-1] == eos or len(r) < self.cfg.rollout.max_new_tokens
-                                  for r in samples.responses])
+            keep &= ~self.truncated(samples.responses)
         return keep
 
     def train_step(self) -> dict[str, Any]:

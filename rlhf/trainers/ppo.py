@@ -25,7 +25,7 @@ from rlhf.engine.engine import build_engine, optimizer_step
 from rlhf.errors import ConfigError
 from rlhf.models.critic import CRITIC_INITS, build_critic
 from rlhf.rollout.experience import Experience, batched_logprobs, batched_values, response_values
-from rlhf.trainers.rl import STEP_NORMALISED, RLTrainer, Samples, add
+from rlhf.trainers.rl import RLTrainer, Samples, add
 from rlhf.trainers.sft import training_model_config
 
 KL_PLACES = ("reward", "loss")
@@ -112,7 +112,8 @@ class PPOTrainer(RLTrainer):
             exp.ref_logprobs = batched_logprobs(self.reference, exp, mb, cfg.rollout.temperature)
             kl = kl_penalty(exp.old_logprobs, exp.ref_logprobs, a.kl_estimator, mask)
             for name in sorted({a.kl_estimator, "k1", "k3"}):
-                per_seq = masked_sum(kl_penalty(exp.old_logprobs, exp.ref_logprobs, name, mask), mask, dim=-1)
+                estimate = kl if name == a.kl_estimator else kl_penalty(exp.old_logprobs, exp.ref_logprobs, name, mask)
+                per_seq = masked_sum(estimate, mask, dim=-1)
                 add(sums, {f"kl_{name}": float(per_seq.sum())})
         if a.kl_in == "reward":
             rewards = kl_shaped_rewards(scores, kl, self.kl_ctl.value, mask)
@@ -169,7 +170,6 @@ class PPOTrainer(RLTrainer):
         exp = self.make_experience(sums)
         train_policy = self.step >= cfg.critic.warmup_steps
         policy_norm = critic_norm = None
-        scale = self.grad_accum * self.world if a.loss_type in STEP_NORMALISED else 1.0
         for batch, mask, counts, _ in self.update_batches(exp, exp.action_mask):
             if train_policy:
                 loss = self.policy_loss(batch, mask, counts, sums, epsilon=a.epsilon, epsilon_high=a.epsilon_high,
@@ -182,7 +182,7 @@ class PPOTrainer(RLTrainer):
             per_token, stats = clipped_value_loss(values, batch.values, batch.returns, mask, a.value_clip)
             value_loss = aggregate(per_token, mask, a.loss_type, num_tokens=max(counts["tokens"], 1.0),
                                    num_seqs=max(counts["seqs"], 1.0))
-            self.critic.backward(a.vf_coef * value_loss * scale)
+            self.critic.backward(a.vf_coef * value_loss * self.micro_batch_scale(a.loss_type))
             norm = optimizer_step(self.critic)
             critic_norm = critic_norm if norm is None else norm
             n = float(mask.sum())
@@ -195,7 +195,6 @@ class PPOTrainer(RLTrainer):
         out = self.common_metrics(s, a.loss_type)
         if not train_policy:  # critic warm-up: no policy loss was computed
             out = {k: v for k, v in out.items() if not k.startswith(("loss", "clip_frac", "entropy", "policy/"))}
-        updates = self.passes * self.mini_batches * (1 if a.loss_type in STEP_NORMALISED else self.grad_accum * self.world)
         tokens = max(s["action_tokens"], 1.0)
         returns_var = variance(s["return"], s["return_sq"], tokens)
         out.update({"reward/score": s["score"] / n, "reward/shaped": s["shaped"] / n,
@@ -204,7 +203,7 @@ class PPOTrainer(RLTrainer):
                     if returns_var > 0 else 0.0,
                     "value/mean": s["value"] / tokens,
                     "value/return": s["return"] / tokens, "value/advantage": s["advantage"] / tokens,
-                    "value/loss": s["value_loss"] / updates,
+                    "value/loss": self.mean_loss(s["value_loss"], a.loss_type),
                     "value/clip_frac": s["value_clip"] / max(s["value_tokens"], 1.0),
                     "kl_coef": self.kl_ctl.value, "grad_norm": policy_norm, "grad_norm/critic": critic_norm})
         for key in [k for k in s if k.startswith("kl_k")]:

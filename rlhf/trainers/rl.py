@@ -150,10 +150,8 @@ class RLTrainer(Trainer):
         columns = {k: [r.get(k) for r in data] for k in data[0] if k != "prompt"}
         scored = self.rewards([self.prompt_texts[i] for i in rows], texts, columns, rows=data)
         total = torch.tensor(scored.total, dtype=torch.float32)
-        eos = self.tokenizer.eos_token_id
         lengths = torch.tensor([len(r) for r in responses], dtype=torch.float32)
-        truncated = torch.tensor([(not r or r[-1] != eos) and len(r) >= cfg.rollout.max_new_tokens
-                                  for r in responses], dtype=torch.float32)
+        truncated = self.truncated(responses).float()
         if cfg.reward.overlong_buffer > 0:
             penalty = overlong_penalty(lengths, cfg.rollout.max_new_tokens, cfg.reward.overlong_buffer,
                                        cfg.reward.overlong_penalty)
@@ -167,6 +165,11 @@ class RLTrainer(Trainer):
             applied = [v for v in values if v is not None]
             add(sums, {f"fn/{name}": float(sum(applied)), f"fn_n/{name}": float(len(applied))})
         return Samples(prompts, [list(r) for r in responses], total.tolist(), rows)
+
+    def truncated(self, responses: list[list[int]]) -> torch.Tensor:
+        """[N] bool: the response hit rollout.max_new_tokens without ending in EOS (as build_experience marks it)."""
+        eos, limit = self.tokenizer.eos_token_id, self.cfg.rollout.max_new_tokens
+        return torch.tensor([(not r or r[-1] != eos) and len(r) >= limit for r in responses], dtype=torch.bool)
 
     def pack(self, samples: Samples) -> Experience:
         """The padded experience of `samples`, its sequence rewards attached."""
@@ -214,7 +217,17 @@ class RLTrainer(Trainer):
         add(totals, {"loss": loss.item(), "entropy": float(masked_sum(entropy, mask)),
                      "clip_low": float(stats["clip_frac_low"]) * n, "clip_high": float(stats["clip_frac_high"]) * n,
                      "approx_kl": float(stats["approx_kl"]) * n, "tokens": n})
-        return loss * (self.grad_accum * self.world if loss_type in STEP_NORMALISED else 1.0)
+        return loss * self.micro_batch_scale(loss_type)
+
+    def micro_batch_scale(self, loss_type: str) -> float:
+        """Factor on a micro-batch's loss before backward: DeepSpeed averages the micro-batches of an update over
+        accumulation and ranks, so a step-normalised loss, whose micro-batch parts add up, is multiplied back."""
+        return float(self.grad_accum * self.world) if loss_type in STEP_NORMALISED else 1.0
+
+    def mean_loss(self, total: float, loss_type: str) -> float:
+        """The mean per update of a loss whose micro-batch values (unscaled) were summed over the step and ranks."""
+        per_update = self.grad_accum * self.world / self.micro_batch_scale(loss_type)
+        return total / (self.passes * self.mini_batches * per_update)
 
     def policy_backward(self, loss: torch.Tensor) -> Optional[float]:
         self.engine.backward(loss)
@@ -225,9 +238,7 @@ class RLTrainer(Trainer):
         """Per-step metrics from the all-reduced sums of `sample` and `policy_loss`."""
         n, tokens = max(s.get("n", 0.0), 1.0), max(s.get("tokens", 0.0), 1.0)
         mean = s["reward"] / n
-        # Step-normalised losses of the micro-batches add up to an update's loss; the others are averaged.
-        per_update = 1 if loss_type in STEP_NORMALISED else self.grad_accum * self.world
-        out = {"loss": s.get("loss", 0.0) / (self.passes * self.mini_batches * per_update),
+        out = {"loss": self.mean_loss(s.get("loss", 0.0), loss_type),
                "reward/mean": mean, "reward/std": max(s["reward_sq"] / n - mean ** 2, 0.0) ** 0.5,
                "reward/all_none": s["all_none"], "entropy": s.get("entropy", 0.0) / tokens,
                "clip_frac/low": s.get("clip_low", 0.0) / tokens, "clip_frac/high": s.get("clip_high", 0.0) / tokens,
