@@ -2,6 +2,7 @@
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 
@@ -22,3 +23,12 @@ def test_critic_head_takes_the_reward_weight_and_normalisation():
                                       funcs=[None, SimpleNamespace(mean=2.0, std=4.0)])
     trainer._scale_critic_head(critic)
     torch.testing.assert_close(critic.value_head.weight, before * 0.5 / 4.0)
+
+
+def test_variance_from_all_reduced_sums_is_the_population_variance():
+    from rlhf.trainers.ppo import variance
+
+    x = torch.tensor([0.5, -1.0, 2.0, 3.5, 0.0], dtype=torch.float64)
+    assert variance(float(x.sum()), float((x ** 2).sum()), len(x)) == pytest.approx(float(x.var(unbiased=False)))
+    # no spread at all: 0, never a negative rounding error
+    assert variance(0.0, 0.0, 5) == 0.0
