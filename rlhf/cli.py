@@ -128,6 +128,46 @@ for _stage in STAGES:
     _register(_stage)
 
 
+@app.command("pipeline", context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+             help="The whole recipe: sft -> train-rm -> ppo -> grpo and an equal-time SFT control, each stage starting "
+                  "from the previous one's final/, then report.md/report.html and summary.json in run.dir. Finished "
+                  "stages are skipped on a re-run (pipeline.force=[stage] runs one again).\n\n"
+                  "Overrides: pipeline.stages=[sft,grpo], common.<key>=... for every stage, <stage>.<key>=... for one "
+                  "(grpo.trainer.max_steps=50, ppo.algo.kl_coef=0.1), report.<key>=... for the evaluation.")
+def pipeline(ctx: typer.Context,
+             cfg: Optional[str] = typer.Option(None, "--cfg", help="Print the resolved config ('job') and exit.")):
+    _quiet_libraries()
+    from omegaconf import OmegaConf
+
+    from rlhf.config import load_config
+    from rlhf.pipeline import run_pipeline, section_overrides
+
+    config = load_config("pipeline", section_overrides(list(ctx.args)))
+    if cfg is not None:
+        typer.echo(OmegaConf.to_yaml(config))
+        return
+    from rlhf.engine.distributed import kept_alive
+
+    with kept_alive():
+        run_pipeline(config, run_stage, typer.echo)
+
+
+@app.command("plot", help="Redraw the plots of a run directory (a stage's curves.png) or of a pipeline directory "
+                          "(plots/*.png, report.md, report.html).")
+def plot(run_dir: str = typer.Argument(..., help="A stage's run.dir or a pipeline's run.dir.")):
+    from pathlib import Path
+
+    from rlhf.report import redraw
+
+    if not Path(run_dir).is_dir():
+        raise RLHFError(f"{run_dir} is not a directory")
+    written = redraw(Path(run_dir))
+    if not written:
+        raise RLHFError(f"{run_dir} has no metrics.jsonl (nor a pipeline's stage directories) to plot")
+    for path in written:
+        typer.echo(str(path))
+
+
 def main() -> None:
     try:
         app()

@@ -127,6 +127,8 @@ class DataConfig:
 class TrainerConfig:
     max_steps: int = 100
     """Optimizer steps to train for."""
+    max_time_s: Optional[float] = None
+    """Stop training after this many seconds of the training loop, then evaluate, save and export as at max_steps (a wall-clock budget: a scheduler slot, an equal-time control run); null = no limit."""
     lr: float = 1e-3
     """Peak learning rate."""
     lr_scheduler: str = "cosine"
@@ -256,11 +258,6 @@ class SFTConfig(StageConfig):
 
 @dataclass
 class TrainRMConfig(StageConfig):
-    algo: RewardModelAlgoConfig = field(default_factory=RewardModelAlgoConfig)
-
-
-@dataclass
-class EvalStageConfig(StageConfig):
     algo: RewardModelAlgoConfig = field(default_factory=RewardModelAlgoConfig)
 
 
@@ -420,6 +417,15 @@ class CriticConfig:
 
 
 @dataclass
+class EvalStageConfig(StageConfig):
+    algo: RewardModelAlgoConfig = field(default_factory=RewardModelAlgoConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """How a policy's greedy answers are scored (eval/reward; eval/reward/<name> per function when several)."""
+    reference: Optional[str] = None
+    """A policy's reference model directory (e.g. the SFT checkpoint): eval/kl is the exact KL(policy || reference) summed over each greedy answer (nats)."""
+
+
+@dataclass
 class PPOConfig(StageConfig):
     trainer: RLTrainerConfig = field(default_factory=RLTrainerConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -436,8 +442,43 @@ class GRPOConfig(StageConfig):
     algo: GRPOAlgoConfig = field(default_factory=GRPOAlgoConfig)
 
 
+@dataclass
+class PipelineOptions:
+    stages: List[str] = field(default_factory=lambda: ["sft", "train_rm", "ppo", "grpo", "sft_control"])
+    """Stages to run, in this order: sft, train_rm, ppo, grpo, sft_control (SFT continued from the SFT checkpoint for GRPO's wall time)."""
+    force: List[str] = field(default_factory=list)
+    """Stages to run again even if finished ([all] for every one); stages that read a re-run stage run again too."""
+    rm_init: str = "sft"
+    """Where train-rm starts: sft (the SFT checkpoint's backbone, a new score head) or config (train_rm's own model.*)."""
+    report: bool = True
+    """Evaluate every policy checkpoint on the held-out set and write summary.json, report.md and report.html."""
+
+
+@dataclass
+class PipelineConfig:
+    stage: str = "pipeline"
+    """Always pipeline."""
+    run: RunConfig = field(default_factory=RunConfig)
+    """run.dir is the pipeline directory (each stage runs in a sub-directory); run.seed goes to every stage."""
+    pipeline: PipelineOptions = field(default_factory=PipelineOptions)
+    common: Dict[str, Any] = field(default_factory=dict)
+    """Overrides for every stage, as nested keys or dotted ones (`common.deepspeed: zero2`, `common.launcher.nproc_per_node: 2`)."""
+    sft: Dict[str, Any] = field(default_factory=dict)
+    """Overrides of the sft stage (any key of `rlhf sft`, e.g. sft.trainer.max_steps=100)."""
+    train_rm: Dict[str, Any] = field(default_factory=dict)
+    """Overrides of the train_rm stage."""
+    ppo: Dict[str, Any] = field(default_factory=dict)
+    """Overrides of the ppo stage (its reward model is train_rm's; its policy starts from sft's)."""
+    grpo: Dict[str, Any] = field(default_factory=dict)
+    """Overrides of the grpo stage (its policy starts from sft's)."""
+    sft_control: Dict[str, Any] = field(default_factory=dict)
+    """Overrides of the control: SFT from the SFT checkpoint on the same demonstrations, for GRPO's wall time."""
+    report: Dict[str, Any] = field(default_factory=dict)
+    """Overrides of the held-out evaluation of every policy for the report (any key of `rlhf eval`)."""
+
+
 STAGE_SCHEMAS: dict[str, type] = {"sft": SFTConfig, "train_rm": TrainRMConfig, "eval": EvalStageConfig, "grpo": GRPOConfig,
-                                 "ppo": PPOConfig}
+                                 "ppo": PPOConfig, "pipeline": PipelineConfig}
 
 
 def register_configs() -> None:

@@ -66,8 +66,16 @@ def render() -> str:
         own = [f for f in dataclasses.fields(schema) if f.name not in {g.name for g in dataclasses.fields(StageConfig)}]
         if own:
             out += [f"## `rlhf {stage.replace('_', '-')}`", ""]
+            hints, docs = typing.get_type_hints(schema), field_docs(schema)
+            plain = [f for f in own if not dataclasses.is_dataclass(hints[f.name])]
+            if plain:
+                out += ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+                out += [f"| `{f.name}` | {_type_name(hints[f.name])} | `{_default(f)}` | {docs.get(f.name, '')} |"
+                        for f in plain]
+                out.append("")
             for f in own:
-                _section(typing.get_type_hints(schema)[f.name], f"{f.name}.", out)
+                if dataclasses.is_dataclass(hints[f.name]):
+                    _section(hints[f.name], f"{f.name}.", out)
     return "\n".join(out).rstrip() + "\n"
 
 

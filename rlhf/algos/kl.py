@@ -69,6 +69,24 @@ def kl_penalty(
     return torch.where(action_mask != 0, kl, zero)
 
 
+def exact_kl(logits: Tensor, ref_logits: Tensor, action_mask: Optional[Tensor] = None) -> Tensor:
+    """KL(pi || pi_ref) at every position over the whole vocabulary, [B, T] from logits [B, T, V]:
+
+        KL_t = sum_v pi(v | s_t) * (log pi(v | s_t) - log pi_ref(v | s_t))
+
+    Exact (no sampling), >= 0, and deterministic along a given response, so checkpoints can be compared on the
+    same greedy answers. Computed in float32; positions where ``action_mask`` is 0 are 0.
+    """
+    check_same_shape(logits=logits, ref_logits=ref_logits)
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    ref_logp = torch.log_softmax(ref_logits.float(), dim=-1)
+    kl = (logp.exp() * (logp - ref_logp)).sum(-1).clamp_min(0.0)
+    if action_mask is not None:
+        check_same_shape(kl=kl, action_mask=action_mask)
+        kl = kl * (action_mask != 0)
+    return kl
+
+
 class FixedKLController:
     """A constant KL coefficient beta (Ziegler et al. 2019, arXiv:1909.08593, Sec. 2.2, the non-adaptive case)."""
 

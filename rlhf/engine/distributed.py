@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Mapping
 
@@ -36,9 +37,25 @@ def init_distributed(timeout_s: float = 600.0) -> None:
                                timeout=timedelta(seconds=timeout_s))
 
 
+_keep_alive = False
+
+
+@contextmanager
+def kept_alive():
+    """Keep one process group for several stages run in this process (`rlhf pipeline`): DeepSpeed caches groups
+    made from the first one, so a group destroyed and created again breaks the next stage's engine."""
+    global _keep_alive
+    _keep_alive = True
+    try:
+        yield
+    finally:
+        _keep_alive = False
+        shutdown()
+
+
 def shutdown() -> None:
     """Destroy the process group: leaving it to interpreter exit aborts the process on CPU (exit 134)."""
-    if dist.is_available() and dist.is_initialized():
+    if dist.is_available() and dist.is_initialized() and not _keep_alive:
         dist.destroy_process_group()
 
 

@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from rlhf.algos.kl import exact_kl
 from rlhf.algos.logprobs import entropy_from_logits, token_logprobs
 from rlhf.data.tokenize import pad
 from rlhf.rollout.generation import response_lengths
@@ -79,15 +80,19 @@ def position_ids(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
+def _response_logits(model, exp: Experience) -> Tensor:
+    width = exp.sequences.shape[1] - exp.prompt_width
+    out = model(input_ids=exp.sequences, attention_mask=exp.attention_mask,
+                position_ids=position_ids(exp.attention_mask), logits_to_keep=width + 1, use_cache=False)
+    return out.logits[:, :-1]
+
+
 def response_logprobs(model, exp: Experience, temperature: float = 1.0, with_entropy: bool = False):
     """log pi(y_t | x, y_<t) for every response column [B, R] (and the entropy there if asked).
 
     Only the logits that predict response tokens are computed (`logits_to_keep`), and the log-softmax is
     taken in chunks, so no [B, T, vocab] float32 tensor is held."""
-    width = exp.sequences.shape[1] - exp.prompt_width
-    out = model(input_ids=exp.sequences, attention_mask=exp.attention_mask,
-                position_ids=position_ids(exp.attention_mask), logits_to_keep=width + 1, use_cache=False)
-    logits = out.logits[:, :-1]
+    logits = _response_logits(model, exp)
     targets = exp.sequences[:, exp.prompt_width:]
     logprobs = token_logprobs(logits, targets, temperature=temperature)
     if not with_entropy:
@@ -110,6 +115,25 @@ def batched_logprobs(model, exp: Experience, micro_batch_size: int, temperature:
     """response_logprobs in micro-batches without gradient (old and reference log-probs)."""
     parts = _in_micro_batches(response_logprobs, model, exp, micro_batch_size, temperature=temperature)
     return torch.cat([p[0] for p in parts])
+
+def response_kl(model, reference, exp: Experience) -> Tensor:
+    """Exact KL(pi || pi_ref) summed over each response's tokens, [B] (nats per response)."""
+    kl = exact_kl(_response_logits(model, exp), _response_logits(reference, exp), exp.action_mask)
+    return kl.sum(-1)
+
+
+@torch.no_grad()
+def batched_response_kl(model, reference, exp: Experience, micro_batch_size: int) -> Tensor:
+    """response_kl in micro-batches without gradient (both models in eval mode, then restored)."""
+    modes = (model.training, reference.training)
+    model.eval()
+    reference.eval()
+    parts = [response_kl(model, reference, exp.select(range(i, min(i + micro_batch_size, len(exp)))))
+             for i in range(0, len(exp), micro_batch_size)]
+    model.train(modes[0])
+    reference.train(modes[1])
+    return torch.cat(parts) if parts else torch.zeros(0)
+
 
 def response_values(critic, exp: Experience) -> tuple[Tensor, Tensor]:
     """The critic's V(s_t) before every response token, [B, R], and V after each response's last token, [B].

@@ -116,7 +116,8 @@ class Trainer:
                 initial = self.evaluate()
                 self.initial_eval = initial
                 self.logger.log(0, {**initial, "time/step_s": time.time() - began})
-            while self.step < t.max_steps:
+            loop_start = time.time()
+            while self.step < t.max_steps and not self._out_of_time(loop_start):
                 began = time.time()
                 self._seed_step()
                 metrics = self.train_step()
@@ -153,6 +154,13 @@ class Trainer:
             self._info(f"{self.stage} done in {summary['wall_s']:.0f}s: " + ", ".join(
                 f"{k}={v:.4g}" for k, v in summary.items() if isinstance(v, float) and k != "wall_s"))
         return summary
+
+    def _out_of_time(self, loop_start: float) -> bool:
+        """Whether trainer.max_time_s has run out; rank 0's clock decides, so every rank stops at the same step."""
+        limit = self.cfg.trainer.max_time_s
+        if limit is None:
+            return False
+        return bool(dist.broadcast_object(time.time() - loop_start >= limit))
 
     def _seed_step(self) -> None:
         """Seed every step from (seed, rank, step): sampling and dropout then do not depend on whether the

@@ -23,6 +23,7 @@ from rlhf.models.zoo import is_sequence_classifier, load_reference, load_reward_
 from rlhf.rewards.model import RewardModelInfo, check_score
 from rlhf.trainers.base import default_run_dir
 from rlhf.trainers.evaluation import HeldOut, evaluate_policy
+from rlhf.trainers.rl import build_rewards
 from rlhf.trainers.reward import evaluate_preferences, load_preferences
 
 
@@ -114,10 +115,14 @@ class Evaluator:
         cfg = self.cfg
         tokenizer = load_tokenizer(cfg.model)
         model = load_reference(cfg.model, tokenizer, cfg.run.seed).to(dist.device())
+        reference = None
+        if cfg.reference:
+            ref_cfg = OmegaConf.merge(cfg.model, {"name_or_path": cfg.reference, "tokenizer": None})
+            reference = load_reference(ref_cfg, tokenizer, cfg.run.seed).to(dist.device())
         rows = load_rows(cfg.data, "prompt", self._split(), cfg.run.seed)
         held_out = HeldOut.build(rows, tokenizer, cfg.data, cfg.eval.num_examples)
         if len(held_out) == 0:
             raise RLHFError("no held-out prompts to answer")
-        metrics = evaluate_policy(model, tokenizer, held_out, cfg.eval,
-                                  samples_file=self.run_dir / "eval_samples.jsonl")
+        metrics = evaluate_policy(model, tokenizer, held_out, cfg.eval, samples_file=self.run_dir / "eval_samples.jsonl",
+                                  reference=reference, rewards=build_rewards(cfg, dist.device()))
         return {"kind": "policy", "rows": len(held_out), **{k.removeprefix("eval/"): v for k, v in metrics.items()}}

@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from rlhf.data.tokenize import encode_prompt, render_prompt
 from rlhf.engine import distributed as dist
 from rlhf.rewards.rules import REWARD_FUNCS
+from rlhf.rollout.experience import batched_response_kl, build_experience
 from rlhf.rollout.generation import SamplingParams, generate
 
 
@@ -50,9 +51,26 @@ def score_completions(held_out: HeldOut, indices: Sequence[int], completions: Se
     return sums
 
 
+def reward_sums(rewards, held_out: HeldOut, indices: Sequence[int], completions: Sequence[str]) -> dict[str, float]:
+    """Sums of the weighted reward (and of each function's score when there are several) over the given rows."""
+    rows = [held_out.rows[i] for i in indices]
+    columns = {k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"} if rows else {}
+    result = rewards([held_out.prompts[i] for i in indices], list(completions), columns, rows=rows)
+    sums = {"reward": float(sum(result.total))}
+    if len(result.per_function) > 1:
+        for name, values in result.per_function.items():
+            sums[f"reward/{name}"] = float(sum(v for v in values if v is not None))
+    return sums
+
+
 def evaluate_policy(model, tokenizer, held_out: HeldOut, eval_cfg: DictConfig, synced_gpus: bool = False,
-                    samples_file: Path | None = None) -> dict[str, float]:
-    """Greedy decoding on this rank's share of the held-out prompts; metrics reduced over ranks."""
+                    samples_file: Path | None = None, reference=None, rewards=None) -> dict[str, float]:
+    """Greedy decoding on this rank's share of the held-out prompts; metrics reduced over ranks.
+
+    With a `reference` model, eval/kl is the exact KL(policy || reference) summed over each greedy response's
+    tokens (nats per response; see algos.kl.exact_kl). With `rewards` (a RewardSet), eval/reward is the mean
+    weighted reward of the greedy responses and eval/reward/<name> each function's mean when there are several.
+    """
     if len(held_out) == 0:
         return {}
     mine = list(range(dist.rank(), len(held_out), dist.world_size()))
@@ -61,6 +79,12 @@ def evaluate_policy(model, tokenizer, held_out: HeldOut, eval_cfg: DictConfig, s
                          tokenizer.eos_token_id, params, eval_cfg.batch_size, synced_gpus=synced_gpus)
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
     sums = score_completions(held_out, mine, texts)
+    if reference is not None:
+        exp = build_experience([held_out.prompt_ids[i] for i in mine], responses, tokenizer.pad_token_id,
+                               tokenizer.eos_token_id, eval_cfg.max_new_tokens).to(dist.device())
+        sums["kl"] = float(batched_response_kl(model, reference, exp, eval_cfg.batch_size).sum())
+    if rewards is not None:
+        sums.update(reward_sums(rewards, held_out, mine, texts))
     sums["length"] = float(sum(len(r) for r in responses))
     sums["truncated"] = float(sum(tokenizer.eos_token_id not in r for r in responses))
     total = dist.all_reduce_sum(sums)
@@ -69,6 +93,7 @@ def evaluate_policy(model, tokenizer, held_out: HeldOut, eval_cfg: DictConfig, s
                "eval/truncation_rate": total["truncated"] / n}
     if total["n_answer"] > 0:
         metrics["eval/accuracy"] = total["correct"] / total["n_answer"]
+    metrics.update({f"eval/{k}": v / n for k, v in total.items() if k == "kl" or k.startswith("reward")})
     if samples_file is not None and dist.is_main():
         with samples_file.open("w") as f:
             for i, text in list(zip(mine, texts))[:32]:

@@ -261,7 +261,8 @@ class RLTrainer(Trainer):
     def evaluate(self, final: bool = False) -> dict[str, float]:
         samples = self.run_dir / "eval_samples.jsonl" if final else None
         return evaluate_policy(self.engine.module, self.tokenizer, self.held_out, self.cfg.eval,
-                               synced_gpus=zero_stage(self.engine) == 3, samples_file=samples)
+                               synced_gpus=zero_stage(self.engine) == 3, samples_file=samples,
+                               reference=self.reference, rewards=self.rewards)
 
 
 def add(sums: dict[str, float], values: dict[str, float]) -> None:

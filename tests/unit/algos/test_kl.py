@@ -92,3 +92,19 @@ def test_fixed_controller():
     assert restored.value == 0.05
     with pytest.raises(ConfigError):
         FixedKLController(-0.1)
+
+
+def test_exact_kl_matches_the_definition_and_masks():
+    from rlhf.algos.kl import exact_kl
+
+    torch.manual_seed(0)
+    logits, ref = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    p, q = logits.softmax(-1), ref.softmax(-1)
+    expected = (p * (p.log() - q.log())).sum(-1)
+    assert torch.allclose(exact_kl(logits, ref), expected, atol=1e-6)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert torch.allclose(exact_kl(logits, ref, mask), expected * mask, atol=1e-6)
+    assert torch.all(exact_kl(logits, logits) == 0)
+    # hand-worked: p = (1/2, 1/2), q = (1/4, 3/4): KL = 0.5 ln 2 + 0.5 ln(2/3)
+    two = exact_kl(torch.log(torch.tensor([[[0.5, 0.5]]])), torch.log(torch.tensor([[[0.25, 0.75]]])))
+    assert two.item() == pytest.approx(0.5 * math.log(2) + 0.5 * math.log(2 / 3), abs=1e-6)

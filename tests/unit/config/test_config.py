@@ -55,7 +55,7 @@ def test_free_form_mappings_take_new_keys():
 
 
 def test_unknown_key_lists_valid_keys():
-    with pytest.raises(ConfigError, match="Valid keys under 'trainer': max_steps, lr"):
+    with pytest.raises(ConfigError, match="Valid keys under 'trainer': max_steps, max_time_s, lr"):
         load_config("sft", ["trainer.lrr=1"])
 
 

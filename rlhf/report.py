@@ -1,0 +1,238 @@
+"""The pipeline's report: every policy checkpoint scored the same way, a table, plots, and the demo's targets.
+
+Every row of the table comes from one `rlhf eval` of that checkpoint on the same held-out prompts (greedy,
+the same rule rewards, the exact KL to the SFT checkpoint on the same answers), so rows differ only in the
+checkpoint. Wall times are the stages' own (summary.json of each stage).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+from rlhf.plotting import plot_against_time, plot_run
+
+if TYPE_CHECKING:
+    from rlhf.pipeline import Plan
+
+LABELS = {"sft": "SFT (cold start)", "ppo": "PPO (reward model)", "grpo": "GRPO (verifier)",
+          "sft_control": "SFT control (GRPO's wall time)"}
+POLICY_KEYS = ("accuracy", "format_rate", "reward", "rm_score", "kl", "response_length")
+STAGE_PLOT_KEYS = {
+    "sft": ("loss", "eval/loss", "eval/accuracy", "eval/format_rate", "eval/response_length"),
+    "sft_control": ("loss", "eval/loss", "eval/accuracy", "eval/format_rate", "eval/response_length"),
+    "train_rm": ("loss", "eval/loss", "eval/pairwise_accuracy", "eval/margin", "train/pairwise_accuracy"),
+    "ppo": ("reward/mean", "eval/accuracy", "kl/k3", "kl/k1", "entropy", "response/length_mean",
+            "value/explained_variance", "eval/reward"),
+    "grpo": ("reward/mean", "eval/accuracy", "kl/k3", "kl/k1", "entropy", "response/length_mean",
+             "reward/zero_variance_frac", "eval/reward"),
+}
+# The targets of the embedded demo (the arithmetic task on a 2-core CPU), checked against what was measured.
+DEMO_TARGETS = {"rm_accuracy": 0.95, "ppo_gain": 0.15, "grpo_gain": 0.30, "total_wall_s": 600.0}
+
+
+def evaluate_policies(plan: "Plan", cfg: DictConfig, run_stage: Callable[[str, list[str]], Any]) -> None:
+    """`rlhf eval` of every finished policy checkpoint against the SFT checkpoint, into <pipeline>/eval/<stage>."""
+    from rlhf.pipeline import _render, as_overrides
+
+    rm = plan.final("train_rm") if plan.finished("train_rm") else None
+    for stage in ("sft", "ppo", "grpo", "sft_control"):
+        if not plan.finished(stage):
+            continue
+        overrides = [f"model.name_or_path={_render(str(plan.final(stage)))}",
+                     f"reference={_render(str(plan.final('sft')))}", f"run.dir={plan.root / 'eval' / stage}",
+                     "run.overwrite=true", f"run.seed={cfg.run.seed}", "data=arithmetic"]
+        if rm is not None:  # the reward model's (normalised) score rides along with weight 0: reported, not summed
+            overrides += ["reward.funcs=[accuracy,format,model]", "reward.weights=[1.0,0.2,0.0]",
+                          f"reward.model_path={_render(str(rm))}", "reward.normalize=true"]
+        run_stage("eval", overrides + as_overrides(OmegaConf.to_container(cfg.report)))
+
+
+def collect(plan: "Plan") -> dict[str, dict[str, Any]]:
+    """The pipeline's `stages` table: policy rows from their evaluation, the RM row and wall times from the stages."""
+    stages: dict[str, dict[str, Any]] = {}
+    for stage in ("sft", "train_rm", "ppo", "grpo", "sft_control"):
+        own = plan.summary(stage)
+        if not own:
+            continue
+        row: dict[str, Any] = {}
+        if stage == "train_rm":
+            row["pairwise_accuracy"] = own.get("pairwise_accuracy")
+        else:
+            evaluated = _read(plan.root / "eval" / stage / "summary.json")
+            source = evaluated or own
+            for key in POLICY_KEYS:
+                value = source.get("reward/model" if key == "rm_score" else key)
+                if value is not None:
+                    row[key] = value
+            row["steps"] = own.get("steps")
+        row["wall_s"] = own.get("wall_s")
+        stages[stage] = row
+    return stages
+
+
+def check_targets(stages: dict[str, dict[str, Any]], total_wall_s: float) -> list[dict[str, Any]]:
+    """The embedded demo's targets, each with what was measured and whether it was met."""
+    out = []
+
+    def add(name: str, target: str, measured: float | None, ok: bool | None) -> None:
+        out.append({"target": name, "wanted": target, "measured": measured, "met": ok})
+
+    rm = stages.get("train_rm", {}).get("pairwise_accuracy")
+    add("reward model held-out pairwise accuracy", f">= {DEMO_TARGETS['rm_accuracy']}", rm,
+        None if rm is None else rm >= DEMO_TARGETS["rm_accuracy"])
+    sft = stages.get("sft", {}).get("accuracy")
+    for stage, key in (("ppo", "ppo_gain"), ("grpo", "grpo_gain")):
+        acc = stages.get(stage, {}).get("accuracy")
+        gain = None if acc is None or sft is None else acc - sft
+        add(f"{stage.upper()} accuracy gain over SFT", f">= +{DEMO_TARGETS[key]:.2f}", gain,
+            None if gain is None else gain >= DEMO_TARGETS[key] - 1e-9)
+    control = stages.get("sft_control", {}).get("accuracy")
+    grpo = stages.get("grpo", {}).get("accuracy")
+    add("GRPO accuracy above the equal-time SFT control", "> control", None if grpo is None or control is None
+        else grpo - control, None if grpo is None or control is None else grpo > control)
+    add("pipeline wall time (s)", f"<= {DEMO_TARGETS['total_wall_s']:.0f}", round(total_wall_s, 1),
+        total_wall_s <= DEMO_TARGETS["total_wall_s"])
+    return out
+
+
+def draw_plots(plan: "Plan") -> list[Path]:
+    """plots/<stage>.png (the curves that tell each stage's story) and plots/accuracy_vs_time.png."""
+    out = []
+    for stage, keys in STAGE_PLOT_KEYS.items():
+        if (plan.dir(stage) / "metrics.jsonl").is_file():
+            path = plot_run(plan.dir(stage), keys=list(keys), out=plan.root / "plots" / f"{stage}.png",
+                            title=LABELS.get(stage, "reward model"))
+            if path is not None:
+                out.append(path)
+    runs = {LABELS[s]: plan.dir(s) for s in ("sft", "ppo", "grpo", "sft_control") if plan.dir(s).is_dir()}
+    path = plot_against_time(runs, "eval/accuracy", plan.root / "plots" / "accuracy_vs_time.png",
+                             "held-out greedy accuracy against training time")
+    if path is not None:
+        out.insert(0, path)
+    return out
+
+
+def _read(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _cell(value: Any, key: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}" if key not in ("wall_s", "response_length", "kl") else f"{value:.1f}" \
+            if key != "kl" else f"{value:.2f}"
+    return str(value)
+
+
+def table(stages: dict[str, dict[str, Any]]) -> list[list[str]]:
+    header = ["checkpoint", "held-out accuracy", "format rate", "mean reward", "RM score", "KL to SFT (nats)",
+              "response length", "steps", "wall s"]
+    rows = [header]
+    for stage in ("sft", "ppo", "grpo", "sft_control"):
+        if stage in stages:
+            r = stages[stage]
+            rows.append([LABELS[stage]] + [_cell(r.get(k), k) for k in POLICY_KEYS] +
+                        [_cell(r.get("steps")), _cell(r.get("wall_s"), "wall_s")])
+    return rows
+
+
+def render_markdown(stages, targets, plots: list[Path], root: Path, total_wall_s: float) -> str:
+    rows = table(stages)
+    lines = ["# rlhf pipeline report", "",
+             f"Pipeline directory `{root}`; total wall time of the stages and evaluations {total_wall_s:.0f} s.", "",
+             "Every policy row is the same greedy evaluation on the same held-out prompts; mean reward is the rule "
+             "reward (accuracy + 0.2 x format); RM score is the reward model's normalised score of the same answers; "
+             "KL is the exact KL to the SFT checkpoint summed over each answer.", "",
+             "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    if "train_rm" in stages:
+        rm = stages["train_rm"]
+        lines += ["", f"Reward model: held-out pairwise accuracy {_cell(rm.get('pairwise_accuracy'))}, "
+                      f"{_cell(rm.get('wall_s'), 'wall_s')} s."]
+    lines += ["", "## Targets of the embedded demo", "", "| target | wanted | measured | met |", "|---|---|---|---|"]
+    for t in targets:
+        met = "-" if t["met"] is None else ("yes" if t["met"] else "**no**")
+        lines.append(f"| {t['target']} | {t['wanted']} | {_cell(t['measured'])} | {met} |")
+    lines += ["", "## Curves", ""] + [f"![{p.stem}]({p.relative_to(root)})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def render_html(markdown_text: str, plots: list[Path], root: Path) -> str:
+    """report.md as a standalone page: tables as HTML tables, the PNGs embedded (base64)."""
+    body, in_table = [], False
+    for line in markdown_text.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if set("".join(cells)) <= set("-"):
+                continue
+            if not in_table:
+                body.append("<table>")
+                in_table, tag = True, "th"
+            else:
+                tag = "td"
+            body.append("<tr>" + "".join(f"<{tag}>{html.escape(c).replace('**', '')}</{tag}>" for c in cells) + "</tr>")
+            continue
+        if in_table:
+            body.append("</table>")
+            in_table = False
+        if line.startswith("!["):
+            continue
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{html.escape(line.lstrip('# '))}</h{level}>")
+        elif line:
+            body.append(f"<p>{html.escape(line)}</p>")
+    if in_table:
+        body.append("</table>")
+    for p in plots:
+        data = base64.b64encode(p.read_bytes()).decode()
+        body.append(f'<h3>{html.escape(p.stem)}</h3><img alt="{html.escape(p.stem)}" src="data:image/png;base64,{data}">')
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{max-width:100%}")
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>rlhf pipeline report</title><style>{style}" \
+           f"</style></head><body>{''.join(body)}</body></html>\n"
+
+
+def write_report(plan: "Plan", cfg: DictConfig, run_stage: Callable[[str, list[str]], Any],
+                 echo: Callable[[str], None] = print) -> dict[str, Any]:
+    began = time.time()
+    evaluate_policies(plan, cfg, run_stage)
+    stages = collect(plan)
+    eval_s = time.time() - began
+    total = sum(float(r.get("wall_s") or 0.0) for r in stages.values()) + eval_s
+    targets = check_targets(stages, total)
+    plots = draw_plots(plan)
+    summary = {"stages": stages, "targets": targets, "total_wall_s": round(total, 1), "eval_wall_s": round(eval_s, 1)}
+    (plan.root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    markdown = render_markdown(stages, targets, plots, plan.root, total)
+    (plan.root / "report.md").write_text(markdown)
+    (plan.root / "report.html").write_text(render_html(markdown, plots, plan.root))
+    echo("\n".join(line for line in markdown.splitlines() if line.startswith("|")))
+    echo(f"pipeline: report in {plan.root / 'report.md'} (and report.html), summary in {plan.root / 'summary.json'}")
+    return summary
+
+
+def redraw(run_dir: Path) -> list[Path]:
+    """`rlhf plot`: a pipeline directory gets its plots and report pages again; a stage's run dir its curves.png."""
+    from rlhf.pipeline import Plan
+
+    run_dir = Path(run_dir)
+    if (run_dir / "pipeline.yaml").is_file():
+        plan = Plan(run_dir, [])
+        plots = draw_plots(plan)
+        summary = _read(run_dir / "summary.json")
+        if summary:
+            markdown = render_markdown(summary["stages"], summary["targets"], plots, run_dir, summary["total_wall_s"])
+            (run_dir / "report.md").write_text(markdown)
+            (run_dir / "report.html").write_text(render_html(markdown, plots, run_dir))
+        return plots
+    path = plot_run(run_dir)
+    return [path] if path is not None else []

@@ -1,0 +1,72 @@
+"""The pipeline's pure parts: overrides from config sections, stage inputs, the targets check."""
+
+import pytest
+from omegaconf import OmegaConf
+
+from rlhf.config import load_config
+from rlhf.errors import ConfigError
+from rlhf.pipeline import as_overrides, check_stages, flatten, inputs, section_overrides
+from rlhf.report import check_targets, table
+
+
+def test_flatten_takes_nested_and_dotted_keys():
+    assert flatten({"trainer": {"lr": 1e-4, "betas": [0.9, 0.99]}, "algo.beta": 0, "reward": "model"}) == {
+        "trainer.lr": 1e-4, "trainer.betas": [0.9, 0.99], "algo.beta": 0, "reward": "model"}
+
+
+def test_overrides_render_in_hydra_grammar():
+    assert as_overrides({"a": None, "b": True, "c": [1, "x"], "d": "plain/path", "e": "has space, comma"}) == [
+        "a=null", "b=true", "c=[1,x]", "d=plain/path", "e='has space, comma'"]
+
+
+def test_section_keys_become_add_or_replace_overrides():
+    assert section_overrides(["grpo.trainer.max_steps=5", "run.dir=x", "pipeline.stages=[sft]", "common.seed=1",
+                              "sft={}"]) == ["++grpo.trainer.max_steps=5", "run.dir=x", "pipeline.stages=[sft]",
+                                             "++common.seed=1", "sft={}"]
+
+
+def test_pipeline_config_keeps_stage_sections():
+    cfg = load_config("pipeline", section_overrides(["grpo.trainer.max_steps=5", "ppo.algo.kl_coef=0.1"]))
+    assert OmegaConf.to_container(cfg.grpo) == {"trainer": {"max_steps": 5}}
+    assert flatten(OmegaConf.to_container(cfg.ppo)) == {"algo.kl_coef": 0.1}
+
+
+def test_stage_inputs_follow_the_recipe():
+    cfg = load_config("pipeline", [])
+    assert inputs("ppo", cfg) == ["sft", "train_rm"]
+    assert inputs("grpo", cfg) == ["sft"]
+    assert inputs("sft_control", cfg) == ["sft", "grpo"]
+    assert inputs("train_rm", cfg) == ["sft"]
+    with_rm = load_config("pipeline", section_overrides(["grpo.reward.funcs=[accuracy,model]"]))
+    assert inputs("grpo", with_rm) == ["sft", "train_rm"]
+
+
+def test_unknown_stages_are_refused():
+    with pytest.raises(ConfigError, match="unknown stage"):
+        check_stages(load_config("pipeline", ["pipeline.stages=[sft,dpo]"]))
+    with pytest.raises(ConfigError, match="pipeline.force"):
+        check_stages(load_config("pipeline", ["pipeline.force=[everything]"]))
+    assert check_stages(load_config("pipeline", ["pipeline.stages=[grpo,sft]"])) == ["sft", "grpo"]
+
+
+def test_targets_compare_with_sft_and_the_control():
+    stages = {"sft": {"accuracy": 0.5}, "train_rm": {"pairwise_accuracy": 0.96}, "ppo": {"accuracy": 0.64},
+              "grpo": {"accuracy": 0.8}, "sft_control": {"accuracy": 0.55}}
+    met = {t["target"]: (t["measured"], t["met"]) for t in check_targets(stages, 590.0)}
+    assert met["reward model held-out pairwise accuracy"] == (0.96, True)
+    assert met["PPO accuracy gain over SFT"][1] is False
+    assert met["GRPO accuracy gain over SFT"] == (pytest.approx(0.3), True)
+    assert met["GRPO accuracy above the equal-time SFT control"] == (pytest.approx(0.25), True)
+    assert met["pipeline wall time (s)"] == (590.0, True)
+    rows = table(stages)
+    assert rows[0][:2] == ["checkpoint", "held-out accuracy"] and len(rows) == 5
+
+
+def test_common_overrides_reach_the_stages_that_have_the_key():
+    from rlhf.pipeline import applies
+
+    assert applies("grpo", "rollout.max_new_tokens") and not applies("sft", "rollout.max_new_tokens")
+    assert applies("sft", "trainer.lr") and applies("train_rm", "model.tiny.hidden_size")
+    assert not applies("sft", "trainer.prompts_per_step") and applies("ppo", "trainer.prompts_per_step")
+    assert applies("sft", "data.columns.prompt")  # free-form mapping
+    assert applies("ppo", "deepspeed")  # a group choice
