@@ -23,11 +23,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# The cold start, then R1's RL stage on many verifier-judged prompts, starting from the SFT checkpoint.
+# The whole recipe on the embedded default: sft -> train-rm -> ppo -> grpo and an equal-time SFT control, then
+# outputs/demo/report.md (report.html, summary.json, plots/). Finished stages are kept: a second `make demo`
+# only redoes the report (DEMO_ARGS='pipeline.force=[all]' runs everything again).
 demo: install
-	$(VENV)/bin/rlhf sft run.overwrite=true run.dir=outputs/demo/sft
-	$(VENV)/bin/rlhf grpo run.overwrite=true run.dir=outputs/demo/grpo model.name_or_path=outputs/demo/sft/final
-	@$(PY) scripts/summarize.py outputs/demo/sft outputs/demo/grpo
+	$(VENV)/bin/rlhf pipeline run.dir=outputs/demo $(DEMO_ARGS)
 
 test: install
 	$(PY) -m pytest -q -ra

@@ -354,6 +354,8 @@ class GRPOAlgoConfig:
     """Groups whose rewards all agree (std ~ 0) carry no signal: keep them (advantage 0), skip them from the loss, or resample (DAPO's dynamic sampling: sample more prompts until the step's groups all carry signal)."""
     resample_rounds: int = 4
     """zero_variance=resample: most extra sampling rounds per step; groups still short are filled with flat groups, skipped from the loss."""
+    oversample: float = 1.0
+    """zero_variance=resample: prompts drawn per sampling round as a multiple of trainer.prompts_per_step (veRL's gen_batch_size over its train batch): one larger generation call instead of several rounds; groups beyond the step's quota are not used."""
 
 
 @dataclass

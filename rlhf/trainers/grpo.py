@@ -6,6 +6,8 @@ num_iterations times: clipped-ratio policy loss plus beta * k3 KL to the frozen 
 
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 import torch
@@ -30,6 +32,9 @@ class GRPOTrainer(RLTrainer):
                               "responses per prompt (set algo.group_size>=2)")
         if a.epsilon <= 0 or (a.epsilon_high is not None and a.epsilon_high <= 0):
             raise ConfigError("algo.epsilon and algo.epsilon_high must be > 0")
+        if a.oversample < 1:
+            raise ConfigError(f"algo.oversample={a.oversample}: prompts drawn per round must be at least "
+                              "trainer.prompts_per_step (oversample >= 1)")
         if a.zero_variance not in ZERO_VARIANCE:
             raise ConfigError(f"algo.zero_variance={a.zero_variance!r}: expected one of {', '.join(ZERO_VARIANCE)}")
         self.samples_per_prompt, self.passes = a.group_size, a.num_iterations
@@ -44,13 +49,15 @@ class GRPOTrainer(RLTrainer):
         runs the same number of rounds (generation under ZeRO-3 is a collective)."""
         cfg, a = self.cfg, self.cfg.algo
         G, per_rank = a.group_size, cfg.trainer.prompts_per_step // self.world
+        draw = cfg.trainer.prompts_per_step
+        if a.zero_variance == "resample":
+            draw = math.ceil(draw * a.oversample / self.world) * self.world
         kept, flat, rounds = None, None, 0
         while True:
-            indices = self.sampler.rank_indices(self.samples_seen, cfg.trainer.prompts_per_step, dist.rank(),
-                                                self.world)
-            self.samples_seen += cfg.trainer.prompts_per_step
+            indices = self.sampler.rank_indices(self.samples_seen, draw, dist.rank(), self.world)
+            self.samples_seen += draw
             drawn = self.sample(indices, sums)
-            is_flat = zero_variance_groups(torch.tensor(drawn.rewards), G) if G > 1 else torch.zeros(per_rank, dtype=torch.bool)
+            is_flat = zero_variance_groups(torch.tensor(drawn.rewards), G) if G > 1 else torch.zeros(len(indices), dtype=torch.bool)
             add(sums, {"zero_var": float(is_flat.sum()), "groups": float(len(indices))})
             if a.zero_variance != "resample":
                 return drawn, self._keep_mask(drawn, is_flat.repeat_interleave(G))
@@ -113,5 +120,7 @@ class GRPOTrainer(RLTrainer):
 
     def summary(self, final_eval: dict[str, float]) -> dict[str, Any]:
         last = getattr(self, "last_metrics", {})
-        return {**super().summary(final_eval), "kl": last.get("kl/k3"), "reward": last.get("reward/mean")}
+        # kl: the exact KL to the reference on the held-out answers when measured, else the last step's k3 estimate
+        return {**super().summary(final_eval), "kl": final_eval.get("eval/kl", last.get("kl/k3")),
+                "reward": last.get("reward/mean")}
 

@@ -230,7 +230,8 @@ class PPOTrainer(RLTrainer):
     def summary(self, final_eval: dict[str, float]) -> dict[str, Any]:
         last = getattr(self, "last_metrics", {})
         kl_key = f"kl/{self.cfg.algo.kl_estimator}"
-        return {**super().summary(final_eval), "reward": last.get("reward/mean"), "kl": last.get(kl_key)}
+        return {**super().summary(final_eval), "reward": last.get("reward/mean"),
+                "kl": final_eval.get("eval/kl", last.get(kl_key))}
 
 
 def variance(total: float, total_sq: float, n: float) -> float:

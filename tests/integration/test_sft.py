@@ -91,3 +91,9 @@ def test_wandb_offline_logs_and_keeps_its_run_id(tmp_path, fast):
     run_cli(*args[:-len(fast) - 1], "logger=wandb", "trainer.max_steps=3", "run.resume=true", *fast)
     assert (run_dir / "wandb_id.txt").read_text().strip() == run_id
     assert len(list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))) == 2
+
+
+def test_max_time_stops_training_and_still_exports(tmp_path, fast):
+    run_cli("sft", f"run.dir={tmp_path}", *fast, "trainer.max_steps=1000", "trainer.max_time_s=0")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 0 and (tmp_path / "final" / "config.json").is_file()

@@ -9,10 +9,10 @@ from rlhf.trainers.grpo import GRPOTrainer
 from rlhf.trainers.rl import Samples
 
 
-def trainer_with_rounds(rounds, zero_variance="resample", resample_rounds=3):
+def trainer_with_rounds(rounds, zero_variance="resample", resample_rounds=3, oversample=1.0):
     cfg = OmegaConf.structured(GRPOConfig)
     cfg.algo.group_size, cfg.trainer.prompts_per_step = 2, 2
-    cfg.algo.zero_variance, cfg.algo.resample_rounds = zero_variance, resample_rounds
+    cfg.algo.zero_variance, cfg.algo.resample_rounds, cfg.algo.oversample = zero_variance, resample_rounds, oversample
     trainer = GRPOTrainer(cfg)
     trainer.sampler = StepSampler(100, seed=0)
     rewards = iter(rounds)
@@ -47,3 +47,12 @@ def test_skip_masks_flat_groups_without_resampling():
     samples, keep = trainer.collect({})
     assert samples.rewards == [1.0, 1.0, 0.0, 1.0] and keep.tolist() == [False, False, True, True]
     assert torch.is_tensor(keep)
+
+
+def test_oversample_draws_more_prompts_in_one_round():
+    # 2 prompts a step, oversample 2: one round of 4 groups, two of which carry signal - the quota in one call
+    trainer = trainer_with_rounds([[1.0, 1.0, 0.0, 1.0, 2.0, 2.0, 3.0, 4.0]], oversample=2.0)
+    sums = {}
+    samples, keep = trainer.collect(sums)
+    assert samples.rewards == [0.0, 1.0, 3.0, 4.0] and keep.tolist() == [True] * 4
+    assert sums["resample_rounds"] == 0 and sums["groups"] == 4 and trainer.samples_seen == 4
