@@ -238,6 +238,12 @@ class RewardModelAlgoConfig:
 
 
 @dataclass
+class GuardConfig:
+    max_bad_steps: int = 3
+    """Consecutive optimizer steps with a non-finite loss or gradient that are skipped (counted in guard/skipped) before the run stops with an error; 0 stops at the first."""
+
+
+@dataclass
 class StageConfig:
     stage: str = MISSING
     """Which stage this config drives (set by the entry config)."""
@@ -249,6 +255,7 @@ class StageConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
 
 @dataclass
@@ -541,11 +548,45 @@ def load_config(stage: str, overrides: list[str]) -> DictConfig:
         OmegaConf.resolve(cfg)
         _check_missing(cfg)
         _check_known(cfg, STAGE_SCHEMAS[stage])
+        _check_values(cfg)
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(_explain(exc, stage)) from None
     if choices.get("model") == "hf" and not cfg.model.name_or_path:
         raise ConfigError("model=hf needs model.name_or_path=<hub id or local directory>")
     return cfg
+
+
+# Value ranges every stage shares: (key, test, what is expected). A stage checks its own algorithm's keys.
+_RANGES = (
+    ("trainer.lr", lambda v: v > 0, "> 0"),
+    ("trainer.max_steps", lambda v: v >= 0, ">= 0"),
+    ("trainer.max_time_s", lambda v: v is None or v >= 0, ">= 0 or null"),
+    ("trainer.warmup_steps", lambda v: v >= 0, ">= 0"),
+    ("trainer.weight_decay", lambda v: v >= 0, ">= 0"),
+    ("trainer.max_grad_norm", lambda v: v >= 0, ">= 0 (0 = no clipping)"),
+    ("trainer.micro_batch_size", lambda v: v >= 1, ">= 1"),
+    ("trainer.grad_accum", lambda v: v >= 1, ">= 1"),
+    ("trainer.eval_every", lambda v: v >= 0, ">= 0 (0 = only at the end)"),
+    ("trainer.save_every", lambda v: v >= 0, ">= 0 (0 = only at the end)"),
+    ("trainer.keep_last", lambda v: v >= 1, ">= 1"),
+    ("trainer.prompts_per_step", lambda v: v >= 1, ">= 1"),
+    ("eval.batch_size", lambda v: v >= 1, ">= 1"),
+    ("guard.max_bad_steps", lambda v: v >= 0, ">= 0"),
+    ("eval.max_new_tokens", lambda v: v >= 1, ">= 1"),
+    ("rollout.max_new_tokens", lambda v: v >= 1, ">= 1"),
+    ("rollout.temperature", lambda v: v > 0, "> 0"),
+    ("algo.epsilon", lambda v: v > 0, "> 0 (the clip range)"),
+    ("algo.group_size", lambda v: v >= 1, ">= 1"),
+)
+
+
+def _check_values(cfg: DictConfig) -> None:
+    for key, ok, expected in _RANGES:
+        value = OmegaConf.select(cfg, key, default="<absent>")
+        if isinstance(value, str) and value == "<absent>":
+            continue
+        if not ok(value):
+            raise ConfigError(f"{key}={value}: expected {expected}")
 
 
 def _check_missing(cfg: DictConfig, prefix: str = "") -> None:

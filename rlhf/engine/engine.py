@@ -10,6 +10,7 @@ from typing import Any, Mapping
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from rlhf.engine.guard import StepGuard, step_with_lr_zero
 from rlhf.errors import ConfigError
 
 
@@ -93,6 +94,7 @@ def build_engine(model: torch.nn.Module, cfg: DictConfig, world_size: int, lr: f
         config=deepspeed_config(cfg, world_size, lr, grad_accum),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
     )
+    engine.rlhf_guard = StepGuard(cfg.guard.max_bad_steps, zero_stage(engine))
     return engine
 
 
@@ -100,14 +102,27 @@ def zero_stage(engine) -> int:
     return int(engine.zero_optimization_stage()) if hasattr(engine, "zero_optimization_stage") else 0
 
 
+def backward(engine, loss: torch.Tensor, what: str = "loss") -> None:
+    """engine.backward(loss), unless the loss is not finite: then a zero-gradient stand-in (see engine.guard)."""
+    guard = getattr(engine, "rlhf_guard", None)
+    engine.backward(loss if guard is None else guard.checked_loss(engine, loss, what))
+
+
 def optimizer_step(engine) -> float | None:
     """engine.step() for one micro-batch; at an accumulation boundary returns the global gradient norm
-    before clipping (DeepSpeed reports it for ZeRO/mixed-precision optimizers but not for plain fp32 ZeRO-0)."""
+    before clipping (DeepSpeed reports it for ZeRO/mixed-precision optimizers but not for plain fp32 ZeRO-0).
+    An update whose loss or (measured) gradient was not finite runs at learning rate 0 (engine.guard)."""
     norm = None
     boundary = engine.is_gradient_accumulation_boundary()
     if boundary and zero_stage(engine) == 0 and not (engine.bfloat16_enabled() or engine.fp16_enabled()):
         grads = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
         norm = float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
+    guard = getattr(engine, "rlhf_guard", None)
+    if boundary and guard is not None:
+        guard.gradient_norm(norm)
+    if boundary and guard is not None and guard.skip:
+        step_with_lr_zero(engine)
+        return norm
     engine.step()
     if boundary and norm is None:
         reported = engine.get_global_grad_norm()

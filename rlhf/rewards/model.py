@@ -196,6 +196,24 @@ def normalisation(info: Optional[RewardModelInfo], config: Any, source: str) -> 
     return mean, std
 
 
+def _check_is_classifier(path: str | Path) -> None:
+    """A reward model must be a sequence classifier: a causal LM given here would get a random score head."""
+    from transformers import AutoConfig
+
+    from rlhf.errors import ModelError
+    from rlhf.models.zoo import is_sequence_classifier
+
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError) as error:
+        raise ModelError(f"reward model {path} is neither a local model directory nor a reachable hub id "
+                         f"({str(error).strip().splitlines()[0]})") from None
+    if not is_sequence_classifier(config):
+        kind = ", ".join(config.architectures or []) or config.model_type
+        raise ModelError(f"reward model {path} is a {kind}, not a sequence classifier: point reward.model_path at "
+                         "the final/ of `rlhf train-rm` (or any one-label AutoModelForSequenceClassification)")
+
+
 class RewardModel:
     """A trained reward model ready to score completions: `__call__` has the reward-function signature
     f(prompts, completions, **columns) -> list[float]."""
@@ -217,6 +235,7 @@ class RewardModel:
         from rlhf.models.zoo import load_reward_model, load_tokenizer
 
         model_cfg = ModelConfig(name_or_path=str(path), dtype=dtype)
+        _check_is_classifier(path)
         tokenizer = load_tokenizer(model_cfg)
         classifier = load_reward_model(model_cfg, tokenizer, seed=0)
         if device is not None:

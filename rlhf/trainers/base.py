@@ -122,6 +122,9 @@ class Trainer:
                 self._seed_step()
                 metrics = self.train_step()
                 self.step += 1
+                for engine in self.engines.values():
+                    guard = getattr(engine, "rlhf_guard", None)
+                    metrics.update(guard.end_step(self.step) if guard is not None else {})
                 metrics["lr"] = next(iter(self.engines.values())).get_lr()[0] if self.engines else None
                 metrics["time/step_s"] = time.time() - began
                 metrics["samples_seen"] = self.samples_seen

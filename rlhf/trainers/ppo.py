@@ -21,7 +21,7 @@ from rlhf.algos.policy import clipped_value_loss
 from rlhf.algos.reward_shaping import kl_shaped_rewards, place_sequence_rewards
 from rlhf.engine import checkpoint as ckpt
 from rlhf.engine import distributed as dist
-from rlhf.engine.engine import build_engine, optimizer_step
+from rlhf.engine.engine import backward, build_engine, optimizer_step
 from rlhf.errors import ConfigError
 from rlhf.models.critic import CRITIC_INITS, build_critic
 from rlhf.rollout.experience import Experience, batched_logprobs, batched_values, response_values
@@ -182,7 +182,7 @@ class PPOTrainer(RLTrainer):
             per_token, stats = clipped_value_loss(values, batch.values, batch.returns, mask, a.value_clip)
             value_loss = aggregate(per_token, mask, a.loss_type, num_tokens=max(counts["tokens"], 1.0),
                                    num_seqs=max(counts["seqs"], 1.0))
-            self.critic.backward(a.vf_coef * value_loss * self.micro_batch_scale(a.loss_type))
+            backward(self.critic, a.vf_coef * value_loss * self.micro_batch_scale(a.loss_type), "value loss")
             norm = optimizer_step(self.critic)
             critic_norm = critic_norm if norm is None else norm
             n = float(mask.sum())

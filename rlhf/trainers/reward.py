@@ -20,7 +20,7 @@ from rlhf.data.loading import load_rows
 from rlhf.data.sampler import StepSampler
 from rlhf.engine import checkpoint as ckpt
 from rlhf.engine import distributed as dist
-from rlhf.engine.engine import build_engine, optimizer_step
+from rlhf.engine.engine import backward, build_engine, optimizer_step
 from rlhf.errors import ConfigError, DataError
 from rlhf.models.zoo import load_reward_model, load_tokenizer, prepare_for_training
 from rlhf.rewards.model import (
@@ -188,7 +188,7 @@ class RewardModelTrainer(Trainer):
             batch = self.to_device(batch, self.engine.device)
             scores = list_scores(sequence_scores(self.engine.module, batch, self.score), batch)
             loss = list_losses(self.cfg.algo, scores, batch, self.use_margin).sum() / self.global_batch
-            self.engine.backward(loss * scale)
+            backward(self.engine, loss * scale)
             grad_norm = optimizer_step(self.engine)
             sums["loss"] += loss.item()
             for key, value in preference_sums(scores.detach().float(), batch["list_mask"]).items():

@@ -18,7 +18,7 @@ from rlhf.data.loading import load_rows
 from rlhf.data.sampler import StepSampler
 from rlhf.data.tokenize import encode_rows, render_prompt
 from rlhf.engine import distributed as dist
-from rlhf.engine.engine import build_engine, optimizer_step, zero_stage
+from rlhf.engine.engine import backward, build_engine, optimizer_step, zero_stage
 from rlhf.errors import ConfigError, DataError
 from rlhf.models.zoo import load_policy, load_reference, load_tokenizer
 from rlhf.rewards.combine import RewardSet
@@ -230,7 +230,7 @@ class RLTrainer(Trainer):
         return total / (self.passes * self.mini_batches * per_update)
 
     def policy_backward(self, loss: torch.Tensor) -> Optional[float]:
-        self.engine.backward(loss)
+        backward(self.engine, loss)
         return optimizer_step(self.engine)
 
     # ---- metrics -------------------------------------------------------------------------------------

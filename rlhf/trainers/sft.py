@@ -13,7 +13,7 @@ from rlhf.data.loading import load_rows
 from rlhf.data.sampler import StepSampler
 from rlhf.data.tokenize import collate_lm, encode_rows
 from rlhf.engine import distributed as dist
-from rlhf.engine.engine import build_engine, optimizer_step, zero_stage
+from rlhf.engine.engine import backward, build_engine, optimizer_step, zero_stage
 from rlhf.errors import DataError
 from rlhf.models.zoo import load_policy, load_tokenizer
 from rlhf.trainers.base import Trainer
@@ -67,7 +67,7 @@ class SFTTrainer(Trainer):
             batch = self.to_device(batch, self.engine.device)
             logits = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             loss = sft_loss(logits, batch["input_ids"], batch["loss_mask"], max(num_tokens, 1.0))
-            self.engine.backward(loss * scale)
+            backward(self.engine, loss * scale)
             grad_norm = optimizer_step(self.engine)
             total += loss.item()
         self.samples_seen += self.global_batch

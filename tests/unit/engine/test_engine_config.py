@@ -17,7 +17,10 @@ def test_deepspeed_config_derived_from_run():
 
 
 def test_zero_accumulation_refused_with_the_keys_to_change():
-    cfg = load_config("sft", ["trainer.grad_accum=0"])
+    with pytest.raises(ConfigError, match="trainer.grad_accum"):
+        load_config("sft", ["trainer.grad_accum=0"])
+    cfg = load_config("sft", [])
+    cfg.trainer.grad_accum = 0
     with pytest.raises(ConfigError, match="trainer.grad_accum"):
         deepspeed_config(cfg, world_size=1)
 
