@@ -209,6 +209,8 @@ class LauncherConfig:
     """DeepSpeed --include filter, e.g. `host1:0,1@host2`."""
     dry_run: bool = False
     """Print the launch command and exit."""
+    connect_timeout_s: float = 300.0
+    """Seconds every process waits for the others to join before the run fails, naming this host and rank 0's address, instead of hanging in the first collective."""
 
 
 @dataclass
@@ -572,6 +574,7 @@ _RANGES = (
     ("trainer.prompts_per_step", lambda v: v >= 1, ">= 1"),
     ("eval.batch_size", lambda v: v >= 1, ">= 1"),
     ("guard.max_bad_steps", lambda v: v >= 0, ">= 0"),
+    ("launcher.connect_timeout_s", lambda v: v > 0, "> 0"),
     ("eval.max_new_tokens", lambda v: v >= 1, ">= 1"),
     ("rollout.max_new_tokens", lambda v: v >= 1, ">= 1"),
     ("rollout.temperature", lambda v: v > 0, "> 0"),

@@ -11,7 +11,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from rlhf.algos.aggregation import check_same_shape
+from rlhf.algos.aggregation import Reducer, check_same_shape, masked_moments
 from rlhf.errors import ConfigError
 from rlhf.registry import Registry
 
@@ -91,24 +91,33 @@ def _std(x: Tensor, dim: Optional[int] = None, keepdim: bool = False) -> Tensor:
     return x.std() if dim is None else x.std(dim, keepdim=keepdim)
 
 
-def _divide_by_reward_std(centred: Tensor, grouped: Tensor, scale: str, eps: float, estimator: str) -> Tensor:
-    """centred [P, G] / (std + eps), the std of the group's rewards ("group"), of all rewards ("batch"), or 1."""
+def _batch_std(x: Tensor, reduce: Optional[Reducer]) -> Tensor:
+    """Sample std of every entry of x, over all processes when `reduce` sums over them."""
+    return masked_moments(x, torch.ones_like(x, dtype=torch.bool), reduce)[1].sqrt()
+
+
+def _divide_by_reward_std(centred: Tensor, grouped: Tensor, scale: str, eps: float, estimator: str,
+                          reduce: Optional[Reducer] = None) -> Tensor:
+    """centred [P, G] / (std + eps), the std of the group's rewards ("group"), of all rewards ("batch", over
+    every process with `reduce`), or 1."""
     if scale == "group":
         return centred / (_std(grouped, dim=-1, keepdim=True) + eps)
     if scale == "batch":
-        return centred / (_std(grouped) + eps)
+        return centred / (_batch_std(grouped, reduce) + eps)
     if scale == "none":
         return centred
     raise ConfigError(f"unknown scale {scale!r} for {estimator!r} advantages. Valid: group, batch, none.")
 
 
-# An advantage estimator maps sequence rewards [N] and group_size to advantages [N]; keywords: scale, eps.
+# An advantage estimator maps sequence rewards [N] and group_size to advantages [N]; keywords: scale, eps, and
+# reduce (sums over processes, so batch-wide statistics are those of the global batch).
 AdvantageEstimator = Callable[..., Tensor]
 ADVANTAGE_ESTIMATORS: Registry[AdvantageEstimator] = Registry("advantage estimator")
 
 
 @ADVANTAGE_ESTIMATORS.register("grpo")
-def group_advantages(rewards: Tensor, group_size: int, scale: Optional[str] = "group", eps: float = 1e-6) -> Tensor:
+def group_advantages(rewards: Tensor, group_size: int, scale: Optional[str] = "group", eps: float = 1e-6,
+                     reduce: Optional[Reducer] = None) -> Tensor:
     """A_i = (r_i - mean(r_group)) / (std + eps), rewards [N] -> advantages [N], one per sample.
 
     GRPO outcome supervision (Shao et al. 2024, DeepSeekMath, arXiv:2402.03300, Sec. 4.1.2).
@@ -123,11 +132,12 @@ def group_advantages(rewards: Tensor, group_size: int, scale: Optional[str] = "g
     """
     grouped = _grouped(rewards, group_size, "grpo")
     centred = grouped - grouped.mean(-1, keepdim=True)
-    return _divide_by_reward_std(centred, grouped, scale or "group", eps, "grpo").view(-1)
+    return _divide_by_reward_std(centred, grouped, scale or "group", eps, "grpo", reduce).view(-1)
 
 
 @ADVANTAGE_ESTIMATORS.register("rloo")
-def rloo_advantages(rewards: Tensor, group_size: int, scale: Optional[str] = "none", eps: float = 1e-6) -> Tensor:
+def rloo_advantages(rewards: Tensor, group_size: int, scale: Optional[str] = "none", eps: float = 1e-6,
+                    reduce: Optional[Reducer] = None) -> Tensor:
     """A_i = r_i - (1 / (G - 1)) sum_{j != i} r_j: the mean reward of the other samples of the prompt as baseline.
 
     REINFORCE Leave-One-Out: Kool et al. 2019 ("Buy 4 REINFORCE Samples, Get a Baseline for Free!"); Ahmadian et
@@ -136,12 +146,13 @@ def rloo_advantages(rewards: Tensor, group_size: int, scale: Optional[str] = "no
     """
     grouped = _grouped(rewards, group_size, "rloo")
     baseline = (grouped.sum(-1, keepdim=True) - grouped) / (group_size - 1)
-    return _divide_by_reward_std(grouped - baseline, grouped, scale or "none", eps, "rloo").view(-1)
+    return _divide_by_reward_std(grouped - baseline, grouped, scale or "none", eps, "rloo", reduce).view(-1)
 
 
 @ADVANTAGE_ESTIMATORS.register("reinforce_pp")
 def reinforce_pp_advantages(
-    rewards: Tensor, group_size: int = 1, scale: Optional[str] = "batch", eps: float = 1e-6
+    rewards: Tensor, group_size: int = 1, scale: Optional[str] = "batch", eps: float = 1e-6,
+    reduce: Optional[Reducer] = None,
 ) -> Tensor:
     """REINFORCE++ with global advantage normalisation (Hu et al. 2025, arXiv:2501.03262), sequence rewards [N].
 
@@ -159,7 +170,8 @@ def reinforce_pp_advantages(
     centred = grouped - grouped.mean(-1, keepdim=True) if group_size > 1 else grouped
     scale = scale or "batch"
     if scale == "batch":
-        centred = (centred - centred.mean()) / (_std(centred) + eps)
+        mean, var = masked_moments(centred, torch.ones_like(centred, dtype=torch.bool), reduce)
+        centred = (centred - mean) / (var.sqrt() + eps)
     elif scale != "none":
         raise ConfigError(f"unknown scale {scale!r} for 'reinforce_pp' advantages. Valid: batch, none.")
     return centred.view(-1)

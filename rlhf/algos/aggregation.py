@@ -54,23 +54,47 @@ def masked_var(x: Tensor, mask: Tensor, dim: Optional[int] = None, unbiased: boo
     return var
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+Reducer = Callable[[Tensor], Tensor]
+"""Sums a tensor over every process (an all-reduce); None: this process's batch is the whole batch."""
+
+
+def masked_moments(x: Tensor, mask: Tensor, reduce: Optional[Reducer] = None,
+                   unbiased: bool = True) -> tuple[Tensor, Tensor]:
+    """Mean and variance of the real entries of x, over the whole batch across processes when ``reduce`` sums
+    over them: count, sum and sum of squares are summed (in float64) and the moments taken from the totals, so
+    the result equals that of the concatenated batch. Variance is Bessel-corrected when unbiased and n > 1."""
+    m = (mask != 0).to(torch.float64)
+    xd = torch.where(mask != 0, x.detach().to(torch.float64), torch.zeros((), dtype=torch.float64, device=x.device))
+    totals = torch.stack([m.sum(), xd.sum(), (xd * xd).sum()])
+    if reduce is not None:
+        totals = reduce(totals)
+    n, total, total_sq = totals[0], totals[1], totals[2]
+    mean = total / n.clamp_min(1.0)
+    var = ((total_sq - n * mean * mean) / n.clamp_min(1.0)).clamp_min(0.0)
+    if unbiased:
+        var = torch.where(n > 1, var * n / (n - 1).clamp_min(1.0), var)
+    return mean.to(x.dtype), var.to(x.dtype)
+
+
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  reduce: Optional[Reducer] = None) -> Tensor:
     """(x - mean) / sqrt(var + eps) over the real entries; with ``shift_mean=False`` the mean is added back
-    (only the scale changes). Padding positions come back as 0.
+    (only the scale changes). Padding positions come back as 0. With ``reduce`` the statistics are those of the
+    whole batch over every process (see ``masked_moments``), as one process would compute them.
 
     Used for PPO advantage normalisation (OpenAI baselines ppo2; Engstrom et al. 2020, arXiv:2005.12729, Sec. 3)
     and REINFORCE++'s global batch normalisation (arXiv:2501.03262).
     """
-    mean = masked_mean(x, mask)
-    whitened = (x - mean) * torch.rsqrt(masked_var(x, mask) + eps)
+    mean, var = masked_moments(x, mask, reduce)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean
     return torch.where(mask != 0, whitened, torch.zeros((), dtype=whitened.dtype, device=whitened.device))
 
 
-def whiten(x: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def whiten(x: Tensor, shift_mean: bool = True, eps: float = 1e-8, reduce: Optional[Reducer] = None) -> Tensor:
     """``masked_whiten`` with every entry real."""
-    return masked_whiten(x, torch.ones_like(x, dtype=torch.bool), shift_mean=shift_mean, eps=eps)
+    return masked_whiten(x, torch.ones_like(x, dtype=torch.bool), shift_mean=shift_mean, eps=eps, reduce=reduce)
 
 
 Count = Union[int, float, Tensor]

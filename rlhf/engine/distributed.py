@@ -18,13 +18,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(timeout_s: float = 600.0) -> None:
-    """Join (or create) the process group DeepSpeed will use.
+def init_distributed(timeout_s: float = 300.0) -> None:
+    """Join (or create) the process group DeepSpeed will use, then check every process answers.
 
     A plain `rlhf sft` is world size 1 without a launcher: we set RANK/WORLD_SIZE/MASTER_* ourselves,
     because deepspeed.init_distributed otherwise falls back to MPI discovery and fails without mpi4py.
+    A process that cannot reach rank 0, or a rank that never starts, fails the run after `timeout_s` with a
+    message naming this host, its rank and the address it waited on (not a hang in the first collective).
     """
     import deepspeed
+
+    from rlhf.errors import RLHFError
 
     if dist.is_available() and dist.is_initialized():
         return
@@ -33,8 +37,31 @@ def init_distributed(timeout_s: float = 600.0) -> None:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-                               timeout=timedelta(seconds=timeout_s))
+    where = (f"rank {os.environ['RANK']} of {os.environ.get('WORLD_SIZE', '?')} on host {socket.gethostname()}, "
+             f"waiting for rank 0 at {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}")
+    try:
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                                   timeout=timedelta(seconds=timeout_s))
+    except (RuntimeError, TimeoutError, ValueError) as error:  # torch's DistStoreError is a RuntimeError
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise RLHFError(f"the processes of this run did not all join within launcher.connect_timeout_s={timeout_s:g}"
+                        f" ({where}): {first}. Check that every node runs the same command and can reach "
+                        "MASTER_ADDR:MASTER_PORT (firewall, hostfile, launcher.master_addr)") from None
+    if world_size() > 1:
+        _check_ranks_answer(timeout_s, where)
+
+
+def _check_ranks_answer(timeout_s: float, where: str) -> None:
+    """A barrier that names the ranks that did not arrive (gloo's monitored barrier, on a side group so it works
+    beside NCCL too)."""
+    from rlhf.errors import RLHFError
+
+    group = dist.new_group(backend="gloo")
+    try:
+        dist.monitored_barrier(group=group, timeout=timedelta(seconds=timeout_s), wait_all_ranks=True)
+    except RuntimeError as error:
+        raise RLHFError(f"not every process answered within launcher.connect_timeout_s={timeout_s:g} ({where}): "
+                        f"{str(error).strip().splitlines()[0]}") from None
 
 
 _keep_alive = False
@@ -90,6 +117,20 @@ def all_reduce_sum(values: Mapping[str, float]) -> dict[str, float]:
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device())
     dist.all_reduce(t)
     return dict(zip(keys, t.tolist()))
+
+
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """A tensor summed over every process (returned as a new tensor; the input is untouched)."""
+    if world_size() == 1:
+        return t
+    out = t.detach().clone().to(device())
+    dist.all_reduce(out)
+    return out.to(t.device)
+
+
+def batch_reducer():
+    """What batch-wide statistics reduce with: sum_over_ranks under several processes, else None."""
+    return sum_over_ranks if world_size() > 1 else None
 
 
 def all_reduce_max(value: float) -> float:

@@ -86,7 +86,7 @@ class Trainer:
     # ---- the run ---------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         start = time.time()
-        dist.init_distributed()
+        dist.init_distributed(self.cfg.launcher.connect_timeout_s)
         try:
             self._prepare_run_dir()
             transformers.set_seed(self.cfg.run.seed)

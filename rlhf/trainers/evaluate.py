@@ -39,7 +39,7 @@ class Evaluator:
             raise ConfigError("rlhf eval needs model.name_or_path=<a saved model directory or hub id>, e.g. "
                               "outputs/train_rm/<run>/final")
         start = time.time()
-        dist.init_distributed()
+        dist.init_distributed(self.cfg.launcher.connect_timeout_s)
         try:
             self.run_dir = self._prepare_run_dir()
             if self._is_reward_model():

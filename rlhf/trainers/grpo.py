@@ -92,7 +92,8 @@ class GRPOTrainer(RLTrainer):
         exp = self.pack(samples)
         # Resampling keeps whole groups only, so the advantages of a group are computed among its own samples.
         exp.advantages = ADVANTAGE_ESTIMATORS.get(a.advantage)(
-            exp.rewards, a.group_size, scale=a.scale_rewards if a.advantage == "grpo" else None)
+            exp.rewards, a.group_size, scale=a.scale_rewards if a.advantage == "grpo" else None,
+            reduce=dist.batch_reducer())
         loss_mask = exp.action_mask * keep[:, None]
         if self.reference is not None:
             exp.ref_logprobs = batched_logprobs(self.reference, exp, cfg.trainer.micro_batch_size,

@@ -103,7 +103,7 @@ class PPOTrainer(RLTrainer):
             scores = scores.clamp(-a.reward_clip, a.reward_clip)
         scores = scores - a.missing_eos_penalty * exp.truncated.float()
         if a.whiten_rewards:
-            scores = whiten(scores, shift_mean=False)
+            scores = whiten(scores, shift_mean=False, reduce=dist.batch_reducer())
         mask = exp.action_mask
         exp.old_logprobs = batched_logprobs(self.engine.module, exp, mb, cfg.rollout.temperature)
         exp.values, last_values = batched_values(self.critic.module, exp, mb)
@@ -125,7 +125,8 @@ class PPOTrainer(RLTrainer):
         # the critic's value of the last state. Ended responses (EOS) are terminal: V after them is 0.
         bootstrap = last_values * exp.truncated.float() if a.truncation == "bootstrap" else None
         advantages, exp.returns = gae(rewards, exp.values, mask, a.gamma, a.lam, bootstrap)
-        exp.advantages = masked_whiten(advantages, mask) if a.whiten_advantages else advantages
+        exp.advantages = masked_whiten(advantages, mask, reduce=dist.batch_reducer()) if a.whiten_advantages \
+            else advantages
         residual = exp.returns - exp.values
         add(sums, {"score": float(scores.sum()), "shaped": float(masked_sum(rewards, mask)),
                    "value": float(masked_sum(exp.values, mask)), "return": float(masked_sum(exp.returns, mask)),

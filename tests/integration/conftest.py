@@ -20,7 +20,8 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, check:
     full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1",
                 "PYTHONUNBUFFERED": "1", **(env or {})}
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        full_env.pop(var, None)
+        if var not in (env or {}):
+            full_env.pop(var, None)
     proc = subprocess.run([sys.executable, "-m", "rlhf.cli", *args], cwd=cwd or REPO, env=full_env,
                           capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:

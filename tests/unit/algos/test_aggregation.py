@@ -147,3 +147,38 @@ def test_missing_or_unknown_arguments():
         aggregate(loss, mask, "dr_grpo")
     with pytest.raises(ConfigError, match="token_mean"):
         aggregate(loss, mask, "token_men")
+
+
+def test_batch_statistics_over_processes_equal_those_of_the_whole_batch():
+    """Two 'processes' each holding half a batch, their sums exchanged by `reduce`: whitening, GRPO's batch
+    scale and REINFORCE++'s normalisation give what one process holding the whole batch gives."""
+    from rlhf.algos.advantages import group_advantages, reinforce_pp_advantages
+    from rlhf.algos.aggregation import masked_moments, masked_whiten
+
+    torch.manual_seed(0)
+    x, mask = torch.randn(6, 5), (torch.rand(6, 5) > 0.3).float()
+    halves = [(x[:3], mask[:3]), (x[3:], mask[3:])]
+
+    def totals(xs, ms):
+        m = (ms != 0).double()
+        return torch.stack([m.sum(), (xs.double() * m).sum(), (xs.double() ** 2 * m).sum()])
+
+    for i, (xs, ms) in enumerate(halves):
+        other = totals(*halves[1 - i])
+        local = masked_whiten(xs, ms, reduce=lambda t: t + other)
+        torch.testing.assert_close(local, masked_whiten(x, mask)[i * 3:(i + 1) * 3])
+    mean, var = masked_moments(x, mask)
+    torch.testing.assert_close(mean, (x * mask).sum() / mask.sum())
+    torch.testing.assert_close(var, x[mask.bool()].var())
+
+    rewards = torch.randn(8)  # 4 groups of 2; process 0 holds groups 0-1, process 1 groups 2-3
+    ones = torch.ones(4)
+    for estimator, kwargs in ((group_advantages, {"scale": "batch"}), (reinforce_pp_advantages, {})):
+        whole = estimator(rewards, 2, **kwargs)
+        for i in range(2):
+            mine, theirs = rewards[i * 4:(i + 1) * 4], rewards[(1 - i) * 4:(2 - i) * 4]
+            if estimator is reinforce_pp_advantages:  # its statistics are of the centred advantages
+                theirs = (theirs.view(2, 2) - theirs.view(2, 2).mean(-1, keepdim=True)).view(-1)
+            other = totals(theirs, ones)
+            torch.testing.assert_close(estimator(mine, 2, reduce=lambda t: t + other, **kwargs),
+                                       whole[i * 4:(i + 1) * 4])
