@@ -7,3 +7,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# DeepSpeed's JIT-built ops (the CPU shared-memory collective) go in this clone, not in the user's cache: a fresh
+# clone builds its own instead of waiting on a lock some earlier killed build left in ~/.cache.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.dirname(os.path.dirname(__file__)),
+                                                           ".cache", "torch_extensions"))

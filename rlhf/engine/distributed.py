@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import time
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Mapping
 
 import torch
 import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
 
 
 def _free_port() -> int:
@@ -32,6 +36,10 @@ def init_distributed(timeout_s: float = 300.0) -> None:
 
     if dist.is_available() and dist.is_initialized():
         return
+    for lock in stale_build_locks():
+        logger.warning("%s is %.0f minutes old: a build of this DeepSpeed op was killed while holding it, and every "
+                       "run that loads the op waits on it forever. Delete it if no build is running.",
+                       lock, (time.time() - lock.stat().st_mtime) / 60)
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -49,6 +57,20 @@ def init_distributed(timeout_s: float = 300.0) -> None:
                         "MASTER_ADDR:MASTER_PORT (firewall, hostfile, launcher.master_addr)") from None
     if world_size() > 1:
         _check_ranks_answer(timeout_s, where)
+
+
+def stale_build_locks(max_age_s: float = 900.0) -> list:
+    """Lock files of torch's JIT extension builds (DeepSpeed's ops) older than any build takes.
+
+    torch waits, silently and without limit, for a lock to disappear; a build killed mid-way leaves it behind."""
+    from pathlib import Path
+
+    from torch.utils.cpp_extension import get_default_build_root
+
+    given = os.environ.get("TORCH_EXTENSIONS_DIR")
+    locks = Path(given).glob("*/lock") if given else Path(get_default_build_root()).glob("*/*/lock")
+    now = time.time()
+    return sorted(p for p in locks if now - p.stat().st_mtime > max_age_s)
 
 
 def _check_ranks_answer(timeout_s: float, where: str) -> None:

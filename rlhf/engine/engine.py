@@ -49,6 +49,9 @@ def deepspeed_config(cfg: DictConfig, world_size: int, lr: float | None = None,
                 "betas": [float(b) for b in trainer.betas],
                 "eps": 1e-8,
                 "weight_decay": float(trainer.weight_decay),
+                # DeepSpeed's fused Adam is a JIT-built C++ op on CPU (a compile per environment, and a hang
+                # for every later run if a build is killed holding its lock); torch's AdamW needs no build.
+                "torch_adam": not torch.cuda.is_available(),
             },
         },
         "bf16": {"enabled": dtype == "bf16"},

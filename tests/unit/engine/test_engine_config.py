@@ -14,6 +14,7 @@ def test_deepspeed_config_derived_from_run():
     assert ds["optimizer"]["params"]["lr"] == 2e-4
     assert ds["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000}
     assert ds["bf16"]["enabled"] is False
+    assert ds["optimizer"]["params"]["torch_adam"] is True  # on CPU: torch's AdamW, no JIT-built op to wait on
 
 
 def test_zero_accumulation_refused_with_the_keys_to_change():
@@ -39,3 +40,17 @@ def test_lr_schedule_shapes():
     assert lr_factor(99, 0, 100, "constant", 0.1) == 1.0
     with pytest.raises(ConfigError, match="lr_scheduler"):
         lr_factor(50, 10, 100, "exp", 0.1)
+
+
+def test_stale_build_locks_are_found_and_fresh_ones_left_alone(tmp_path, monkeypatch):
+    import os
+    import time
+
+    from rlhf.engine.distributed import stale_build_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    for op, age in (("fused_adam", 3600), ("deepspeed_shm_comm", 10)):
+        (tmp_path / op).mkdir()
+        (tmp_path / op / "lock").touch()
+        os.utime(tmp_path / op / "lock", (time.time() - age, time.time() - age))
+    assert stale_build_locks() == [tmp_path / "fused_adam" / "lock"]
