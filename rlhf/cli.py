@@ -148,8 +148,9 @@ def pipeline(ctx: typer.Context,
         return
     from rlhf.engine.distributed import kept_alive
 
+    main = os.environ.get("RANK", "0") == "0"  # under a launcher every rank runs the pipeline; one of them speaks
     with kept_alive():
-        run_pipeline(config, run_stage, typer.echo)
+        run_pipeline(config, run_stage, typer.echo if main else (lambda message: None))
 
 
 @app.command("plot", help="Redraw the plots of a run directory (a stage's curves.png) or of a pipeline directory "

@@ -291,6 +291,10 @@ class RolloutConfig:
     """Top-k sampling (0 = off)."""
     batch_size: int = 256
     """Sequences generated per generate() call."""
+    seeded: bool = True
+    """Draw each response from its own seed (run.seed, its position in the data stream, its index in the group),
+    so the samples do not depend on batch size or the number of processes (resume on another process count sees
+    the same ones); false = torch's sampler on the global RNG."""
 
 
 @dataclass

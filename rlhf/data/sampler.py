@@ -26,7 +26,13 @@ class StepSampler:
         """Row indices of global samples start, start+1, ..., start+count-1."""
         return [int(self._perm(k // self.num_rows)[k % self.num_rows]) for k in range(start, start + count)]
 
-    def rank_indices(self, samples_seen: int, global_batch: int, rank: int, world_size: int) -> list[int]:
-        """This rank's contiguous share of the step that starts at global sample `samples_seen`."""
+    @staticmethod
+    def rank_positions(samples_seen: int, global_batch: int, rank: int, world_size: int) -> range:
+        """Global sample positions of this rank's contiguous share of the step that starts at `samples_seen`."""
         per_rank = global_batch // world_size
-        return self.indices(samples_seen + rank * per_rank, per_rank)
+        return range(samples_seen + rank * per_rank, samples_seen + (rank + 1) * per_rank)
+
+    def rank_indices(self, samples_seen: int, global_batch: int, rank: int, world_size: int) -> list[int]:
+        """Row indices of this rank's share of the step that starts at global sample `samples_seen`."""
+        positions = self.rank_positions(samples_seen, global_batch, rank, world_size)
+        return self.indices(positions.start, len(positions))

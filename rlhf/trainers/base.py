@@ -156,6 +156,7 @@ class Trainer:
             plot_run(self.run_dir)
             self._info(f"{self.stage} done in {summary['wall_s']:.0f}s: " + ", ".join(
                 f"{k}={v:.4g}" for k, v in summary.items() if isinstance(v, float) and k != "wall_s"))
+        dist.barrier()  # no rank moves on (the pipeline's next stage reads final/) before rank 0 has written it
         return summary
 
     def _out_of_time(self, loop_start: float) -> bool:

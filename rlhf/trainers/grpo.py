@@ -54,14 +54,13 @@ class GRPOTrainer(RLTrainer):
             draw = math.ceil(draw * a.oversample / self.world) * self.world
         kept, flat, rounds = None, None, 0
         while True:
-            indices = self.sampler.rank_indices(self.samples_seen, draw, dist.rank(), self.world)
-            self.samples_seen += draw
-            drawn = self.sample(indices, sums)
-            is_flat = zero_variance_groups(torch.tensor(drawn.rewards), G) if G > 1 else torch.zeros(len(indices), dtype=torch.bool)
-            add(sums, {"zero_var": float(is_flat.sum()), "groups": float(len(indices))})
+            drawn = self.draw(draw, sums)
+            prompts = len(drawn.rewards) // G
+            is_flat = zero_variance_groups(torch.tensor(drawn.rewards), G) if G > 1 else torch.zeros(prompts, dtype=torch.bool)
+            add(sums, {"zero_var": float(is_flat.sum()), "groups": float(prompts)})
             if a.zero_variance != "resample":
                 return drawn, self._keep_mask(drawn, is_flat.repeat_interleave(G))
-            groups = [range(g * G, (g + 1) * G) for g in range(len(indices))]
+            groups = [range(g * G, (g + 1) * G) for g in range(prompts)]
             good = [i for g, r in zip(is_flat.tolist(), groups) if not g for i in r]
             bad = [i for g, r in zip(is_flat.tolist(), groups) if g for i in r]
             kept = drawn.take(good) if kept is None else kept + drawn.take(good)

@@ -93,9 +93,7 @@ class PPOTrainer(RLTrainer):
     def make_experience(self, sums: dict[str, float]) -> Experience:
         cfg, a = self.cfg, self.cfg.algo
         mb = cfg.trainer.micro_batch_size
-        indices = self.sampler.rank_indices(self.samples_seen, cfg.trainer.prompts_per_step, dist.rank(), self.world)
-        self.samples_seen += cfg.trainer.prompts_per_step
-        samples = self.sample(indices, sums)
+        samples = self.draw(cfg.trainer.prompts_per_step, sums)
         exp = self.pack(samples)
         dense = self.dense_rewards(samples, exp) if cfg.reward.dense else None
         scores = exp.rewards if dense is None else exp.rewards - dense.sum(-1)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
@@ -23,7 +23,7 @@ from rlhf.errors import ConfigError, DataError
 from rlhf.models.zoo import load_policy, load_reference, load_tokenizer
 from rlhf.rewards.combine import RewardSet
 from rlhf.rollout.experience import Experience, build_experience, response_logprobs
-from rlhf.rollout.generation import SamplingParams, generate
+from rlhf.rollout.generation import SamplingParams, generate, sample_seeds
 from rlhf.trainers.base import Trainer
 from rlhf.trainers.evaluation import HeldOut, evaluate_policy
 from rlhf.trainers.sft import training_model_config
@@ -135,15 +135,25 @@ class RLTrainer(Trainer):
         self.sampling = SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k)
 
     # ---- experience --------------------------------------------------------------------------------
-    def sample(self, indices: list[int], sums: dict[str, float]) -> Samples:
-        """Sample `samples_per_prompt` responses for each prompt row in `indices` and score them; the reward
-        statistics of every sampled response are added to `sums` (they are what the policy produced)."""
+    def draw(self, count: int, sums: dict[str, float]) -> Samples:
+        """Sample and score this rank's share of the next `count` prompts of the data stream."""
+        positions = self.sampler.rank_positions(self.samples_seen, count, dist.rank(), self.world)
+        indices = self.sampler.indices(positions.start, len(positions))
+        self.samples_seen += count
+        return self.sample(indices, sums, positions)
+
+    def sample(self, indices: list[int], sums: dict[str, float], positions: Sequence[int]) -> Samples:
+        """Sample `samples_per_prompt` responses for each prompt row in `indices` (at global stream `positions`) and
+        score them; the reward statistics of every sampled response are added to `sums` (they are what the policy
+        produced)."""
         cfg, n = self.cfg, self.samples_per_prompt
         rows = [i for i in indices for _ in range(n)]
         prompts = [self.prompt_ids[i] for i in rows]
+        seeds = sample_seeds(cfg.run.seed, positions, n) if cfg.rollout.seeded else None
         began = time.perf_counter()
         responses = generate(self.engine.module, prompts, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id,
-                             self.sampling, cfg.rollout.batch_size, synced_gpus=zero_stage(self.engine) == 3)
+                             self.sampling, cfg.rollout.batch_size, synced_gpus=zero_stage(self.engine) == 3,
+                             seeds=seeds)
         sums["generate_s"] = sums.get("generate_s", 0.0) + time.perf_counter() - began
         texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
         data = [self.rows[i] for i in rows]

@@ -17,7 +17,7 @@ def trainer_with_rounds(rounds, zero_variance="resample", resample_rounds=3, ove
     trainer.sampler = StepSampler(100, seed=0)
     rewards = iter(rounds)
 
-    def fake_sample(indices, sums):
+    def fake_sample(indices, sums, positions):
         r = next(rewards)
         rows = [i for i in indices for _ in range(2)]
         return Samples([[i] for i in rows], [[7, len(r)]] * len(rows), list(r), rows)
