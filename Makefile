@@ -35,6 +35,11 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
+# Throughput, phase times, peak RSS and MFU of every stage on one workload, side by side with TRL when it is installed
+# (pip install -e '.[bench]'); BENCH_ARGS='--steps 10 --dtype bf16' changes the workload (docs/performance.md).
+bench: install
+	$(PY) scripts/bench.py $(BENCH_ARGS)
+
 docs: install
 	$(PY) -m rlhf.docs > docs/configuration.md
 

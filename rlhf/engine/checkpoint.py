@@ -10,6 +10,9 @@ Layout of run.dir/checkpoints:
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import json
 import os
 import random
@@ -93,16 +96,52 @@ def find_checkpoint(run_dir: Path, resume: Any) -> Path | None:
     return path
 
 
-def load_checkpoint(path: Path, engines: Mapping[str, Any]) -> dict[str, Any]:
-    """Restore engines and this rank's RNG; returns the trainer state saved with the checkpoint."""
+def read_state(path: Path) -> dict[str, Any]:
+    return json.loads((path / STATE_FILE).read_text())
+
+
+def needs_universal(path: Path, world_size: int, zero_stage: int) -> bool:
+    """Whether the checkpoint's optimizer state is partitioned for another layout than this run's (another number
+    of processes, or another ZeRO stage): DeepSpeed then loads it only through its universal format."""
+    state = read_state(path)
+    partitioned = any(path.glob("*/*optim_states.pt"))
+    saved_stage = int(state.get("zero_stage", zero_stage))
+    return partitioned and (int(state.get("world_size", world_size)) != world_size or saved_stage != zero_stage)
+
+
+def to_universal(path: Path, roles: list[str]) -> Path:
+    """Convert the checkpoint's engines to DeepSpeed's universal format (per-parameter fp32 weights and Adam moments,
+    loadable by any number of processes under any ZeRO stage), once, into path/universal; all ranks call this."""
+    out = path / "universal"
+    if dist.is_main() and not out.is_dir():
+        from deepspeed.checkpoint.ds_to_universal import main as convert
+
+        tmp = path / ".tmp_universal"
+        shutil.rmtree(tmp, ignore_errors=True)
+        for role in roles:
+            # inject_missing_state: plain data parallelism has no tensor-parallel layout to declare
+            args = argparse.Namespace(input_folder=str(path / role), output_folder=str(tmp / role),
+                                      num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                      strict=True, inject_missing_state=True)
+            with contextlib.redirect_stdout(io.StringIO()):
+                convert(args)
+        os.replace(tmp, out)
+    dist.barrier()
+    return out
+
+
+def load_checkpoint(path: Path, engines: Mapping[str, Any], universal: bool = False) -> dict[str, Any]:
+    """Restore engines and this rank's RNG; returns the trainer state saved with the checkpoint. `universal` loads
+    the engines from the universal conversion (the engines were built with checkpoint.load_universal)."""
+    source = to_universal(path, list(engines)) if universal else path
     for role, engine in engines.items():
-        loaded, _ = engine.load_checkpoint(str(path), tag=role, load_module_strict=True)
+        loaded, _ = engine.load_checkpoint(str(source), tag=role, load_module_strict=True)
         if loaded is None:
             raise RLHFError(f"checkpoint {path} has no state for {role!r}")
     rng_file = path / f"rng_rank{dist.rank()}.pt"
     if rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=False))
-    return json.loads((path / STATE_FILE).read_text())
+    return read_state(path)
 
 
 def full_state_dict(engine) -> dict[str, torch.Tensor] | None:
@@ -126,6 +165,11 @@ def save_pretrained(model: torch.nn.Module, tokenizer, path: Path, state_dict=No
         tokenizer.save_pretrained(tmp)
     for name, content in (extra_files or {}).items():
         (tmp / name).write_text(content)
+    # The previous export is moved aside, not deleted, before the new one takes its name: a crash at any point
+    # leaves a complete directory (final/, or .old_final/ in the instant between the two renames).
+    old = path.with_name(f".old_{path.name}")
+    shutil.rmtree(old, ignore_errors=True)
     if path.exists():
-        shutil.rmtree(path)
+        os.replace(path, old)
     os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)

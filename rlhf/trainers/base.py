@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rlhf.engine import checkpoint as ckpt
 from rlhf.engine import distributed as dist
+from rlhf.engine.engine import deep_merge
 from rlhf.errors import ConfigError, RLHFError
 from rlhf.logging import MetricLogger
 from rlhf.plotting import plot_run
@@ -90,10 +91,17 @@ class Trainer:
         try:
             self._prepare_run_dir()
             transformers.set_seed(self.cfg.run.seed)
-            self.setup()
             resume_from = ckpt.find_checkpoint(self.run_dir, self.cfg.run.resume)
+            universal = resume_from is not None and ckpt.needs_universal(resume_from, self.world, self.zero_stage())
+            if universal:  # DeepSpeed reads a universal checkpoint only into engines built to expect one
+                self.cfg.deepspeed.overrides = {**self.cfg.deepspeed.overrides, "checkpoint": {"load_universal": True}}
+                saved = ckpt.read_state(resume_from)
+                self._info(f"{resume_from} was written by {saved.get('world_size')} process(es) under ZeRO-"
+                           f"{saved.get('zero_stage', '?')}; converting it to DeepSpeed's universal format for "
+                           f"{self.world} under ZeRO-{self.zero_stage()}")
+            self.setup()
             if resume_from is not None:
-                self._resume(resume_from)
+                self._resume(resume_from, universal)
             self.logger = MetricLogger(self.run_dir, self.cfg.logger, self.cfg, self.cfg.trainer.max_steps,
                                        self.step, enabled=dist.is_main())
             self._info(f"{self.stage}: run dir {self.run_dir}")
@@ -205,16 +213,28 @@ class Trainer:
         dist.barrier()
 
     def _save(self) -> None:
+        guards = {role: e.rlhf_guard.total for role, e in self.engines.items() if getattr(e, "rlhf_guard", None)}
         state = {"step": self.step, "samples_seen": self.samples_seen, "world_size": self.world,
-                 "stage": self.stage, **self.extra_state()}
+                 "zero_stage": self.zero_stage(), "stage": self.stage, "guard_skipped_total": guards,
+                 **self.extra_state()}
         ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, self.engines, state,
                              self.cfg.trainer.keep_last)
 
-    def _resume(self, path: Path) -> None:
-        state = ckpt.load_checkpoint(path, self.engines)
+    def zero_stage(self) -> int:
+        """The ZeRO stage this run's engines use (the config fragment, then deepspeed.overrides)."""
+        ds = self.cfg.deepspeed
+        merged = deep_merge(OmegaConf.to_container(ds.config, resolve=True) or {},
+                            OmegaConf.to_container(ds.overrides, resolve=True) or {})
+        return int((merged.get("zero_optimization") or {}).get("stage", 0))
+
+    def _resume(self, path: Path, universal: bool = False) -> None:
+        state = ckpt.load_checkpoint(path, self.engines, universal)
         if state.get("stage") != self.stage:
             raise ConfigError(f"checkpoint {path} is from stage {state.get('stage')!r}, not {self.stage!r}")
         self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
+        for role, total in state.get("guard_skipped_total", {}).items():
+            if getattr(self.engines.get(role), "rlhf_guard", None) is not None:
+                self.engines[role].rlhf_guard.total = int(total)
         self.load_extra_state(state)
 
     # ---- shared helpers for stages -------------------------------------------------------------------

@@ -16,7 +16,7 @@ from rlhf.algos.advantages import ADVANTAGE_ESTIMATORS, zero_variance_groups
 from rlhf.engine import distributed as dist
 from rlhf.errors import ConfigError
 from rlhf.rollout.experience import batched_logprobs
-from rlhf.trainers.rl import RLTrainer, Samples, add
+from rlhf.trainers.rl import RLTrainer, Samples, add, timed
 
 ZERO_VARIANCE = ("keep", "skip", "resample")
 
@@ -56,7 +56,8 @@ class GRPOTrainer(RLTrainer):
         while True:
             drawn = self.draw(draw, sums)
             prompts = len(drawn.rewards) // G
-            is_flat = zero_variance_groups(torch.tensor(drawn.rewards), G) if G > 1 else torch.zeros(prompts, dtype=torch.bool)
+            is_flat = zero_variance_groups(torch.tensor(drawn.rewards), G) if G > 1 else \
+                torch.zeros(prompts, dtype=torch.bool)
             add(sums, {"zero_var": float(is_flat.sum()), "groups": float(prompts)})
             if a.zero_variance != "resample":
                 return drawn, self._keep_mask(drawn, is_flat.repeat_interleave(G))
@@ -94,19 +95,21 @@ class GRPOTrainer(RLTrainer):
             exp.rewards, a.group_size, scale=a.scale_rewards if a.advantage == "grpo" else None,
             reduce=dist.batch_reducer())
         loss_mask = exp.action_mask * keep[:, None]
-        if self.reference is not None:
-            exp.ref_logprobs = batched_logprobs(self.reference, exp, cfg.trainer.micro_batch_size,
-                                                cfg.rollout.temperature)
-        if self.passes > 1:  # with one pass the old policy is the current one: ratio 1, nothing to compute
-            exp.old_logprobs = batched_logprobs(self.engine.module, exp, cfg.trainer.micro_batch_size,
-                                                cfg.rollout.temperature)
+        with timed(sums, "logprob_s"):
+            if self.reference is not None:
+                exp.ref_logprobs = batched_logprobs(self.reference, exp, cfg.trainer.micro_batch_size,
+                                                    cfg.rollout.temperature)
+            if self.passes > 1:  # with one pass the old policy is the current one: ratio 1, nothing to compute
+                exp.old_logprobs = batched_logprobs(self.engine.module, exp, cfg.trainer.micro_batch_size,
+                                                    cfg.rollout.temperature)
         grad_norm = None
-        for batch, mask, counts, _ in self.update_batches(exp, loss_mask):
-            loss = self.policy_loss(batch, mask, counts, sums, epsilon=a.epsilon, epsilon_high=a.epsilon_high,
-                                    loss_type=a.loss_type, kl_coef=a.beta, kl_estimator="k3",
-                                    ratio_level=a.ratio_level)
-            norm = self.policy_backward(loss)
-            grad_norm = grad_norm if norm is None else norm
+        with timed(sums, "train_s"):
+            for batch, mask, counts, _ in self.update_batches(exp, loss_mask):
+                loss = self.policy_loss(batch, mask, counts, sums, epsilon=a.epsilon, epsilon_high=a.epsilon_high,
+                                        loss_type=a.loss_type, kl_coef=a.beta, kl_estimator="k3",
+                                        ratio_level=a.ratio_level)
+                norm = self.policy_backward(loss)
+                grad_norm = grad_norm if norm is None else norm
         s = self.reduce(sums)
         out = self.common_metrics(s, a.loss_type)
         out["reward/zero_variance_frac"] = s["zero_var"] / max(s["groups"], 1.0)

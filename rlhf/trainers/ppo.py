@@ -25,7 +25,7 @@ from rlhf.engine.engine import backward, build_engine, optimizer_step
 from rlhf.errors import ConfigError
 from rlhf.models.critic import CRITIC_INITS, build_critic
 from rlhf.rollout.experience import Experience, batched_logprobs, batched_values, response_values
-from rlhf.trainers.rl import RLTrainer, Samples, add
+from rlhf.trainers.rl import RLTrainer, Samples, add, timed
 from rlhf.trainers.sft import training_model_config
 
 KL_PLACES = ("reward", "loss")
@@ -103,11 +103,13 @@ class PPOTrainer(RLTrainer):
         if a.whiten_rewards:
             scores = whiten(scores, shift_mean=False, reduce=dist.batch_reducer())
         mask = exp.action_mask
-        exp.old_logprobs = batched_logprobs(self.engine.module, exp, mb, cfg.rollout.temperature)
-        exp.values, last_values = batched_values(self.critic.module, exp, mb)
+        with timed(sums, "logprob_s"):
+            exp.old_logprobs = batched_logprobs(self.engine.module, exp, mb, cfg.rollout.temperature)
+            exp.values, last_values = batched_values(self.critic.module, exp, mb)
+            if self.reference is not None:
+                exp.ref_logprobs = batched_logprobs(self.reference, exp, mb, cfg.rollout.temperature)
         kl = torch.zeros_like(mask)
         if self.reference is not None:
-            exp.ref_logprobs = batched_logprobs(self.reference, exp, mb, cfg.rollout.temperature)
             kl = kl_penalty(exp.old_logprobs, exp.ref_logprobs, a.kl_estimator, mask)
             for name in sorted({a.kl_estimator, "k1", "k3"}):
                 estimate = kl if name == a.kl_estimator else kl_penalty(exp.old_logprobs, exp.ref_logprobs, name, mask)
@@ -169,24 +171,25 @@ class PPOTrainer(RLTrainer):
         exp = self.make_experience(sums)
         train_policy = self.step >= cfg.critic.warmup_steps
         policy_norm = critic_norm = None
-        for batch, mask, counts, _ in self.update_batches(exp, exp.action_mask):
-            if train_policy:
-                loss = self.policy_loss(batch, mask, counts, sums, epsilon=a.epsilon, epsilon_high=a.epsilon_high,
-                                        loss_type=a.loss_type, kl_coef=self.kl_ctl.value if a.kl_in == "loss" else 0.0,
-                                        kl_estimator=a.kl_estimator, entropy_coef=a.entropy_coef,
-                                        dual_clip=a.dual_clip)
-                norm = self.policy_backward(loss)
-                policy_norm = policy_norm if norm is None else norm
-            values, _ = response_values(self.critic, batch)
-            per_token, stats = clipped_value_loss(values, batch.values, batch.returns, mask, a.value_clip)
-            value_loss = aggregate(per_token, mask, a.loss_type, num_tokens=max(counts["tokens"], 1.0),
-                                   num_seqs=max(counts["seqs"], 1.0))
-            backward(self.critic, a.vf_coef * value_loss * self.micro_batch_scale(a.loss_type), "value loss")
-            norm = optimizer_step(self.critic)
-            critic_norm = critic_norm if norm is None else norm
-            n = float(mask.sum())
-            add(sums, {"value_loss": value_loss.item(), "value_clip": float(stats["value_clip_frac"]) * n,
-                       "value_tokens": n})
+        with timed(sums, "train_s"):
+            for batch, mask, counts, _ in self.update_batches(exp, exp.action_mask):
+                if train_policy:
+                    kl_coef = self.kl_ctl.value if a.kl_in == "loss" else 0.0
+                    loss = self.policy_loss(batch, mask, counts, sums, epsilon=a.epsilon, epsilon_high=a.epsilon_high,
+                                            loss_type=a.loss_type, kl_coef=kl_coef, kl_estimator=a.kl_estimator,
+                                            entropy_coef=a.entropy_coef, dual_clip=a.dual_clip)
+                    norm = self.policy_backward(loss)
+                    policy_norm = policy_norm if norm is None else norm
+                values, _ = response_values(self.critic, batch)
+                per_token, stats = clipped_value_loss(values, batch.values, batch.returns, mask, a.value_clip)
+                value_loss = aggregate(per_token, mask, a.loss_type, num_tokens=max(counts["tokens"], 1.0),
+                                       num_seqs=max(counts["seqs"], 1.0))
+                backward(self.critic, a.vf_coef * value_loss * self.micro_batch_scale(a.loss_type), "value loss")
+                norm = optimizer_step(self.critic)
+                critic_norm = critic_norm if norm is None else norm
+                n = float(mask.sum())
+                add(sums, {"value_loss": value_loss.item(), "value_clip": float(stats["value_clip_frac"]) * n,
+                           "value_tokens": n})
         s = self.reduce(sums)
         n = max(s["n"], 1.0)
         if self.reference is not None:

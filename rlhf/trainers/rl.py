@@ -5,6 +5,7 @@ policy-loss update over mini-batches, and held-out evaluation. A stage adds its 
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence
 
@@ -150,15 +151,15 @@ class RLTrainer(Trainer):
         rows = [i for i in indices for _ in range(n)]
         prompts = [self.prompt_ids[i] for i in rows]
         seeds = sample_seeds(cfg.run.seed, positions, n) if cfg.rollout.seeded else None
-        began = time.perf_counter()
-        responses = generate(self.engine.module, prompts, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id,
-                             self.sampling, cfg.rollout.batch_size, synced_gpus=zero_stage(self.engine) == 3,
-                             seeds=seeds)
-        sums["generate_s"] = sums.get("generate_s", 0.0) + time.perf_counter() - began
+        with timed(sums, "generate_s"):
+            responses = generate(self.engine.module, prompts, self.tokenizer.pad_token_id,
+                                 self.tokenizer.eos_token_id, self.sampling, cfg.rollout.batch_size,
+                                 synced_gpus=zero_stage(self.engine) == 3, seeds=seeds)
         texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
         data = [self.rows[i] for i in rows]
         columns = {k: [r.get(k) for r in data] for k in data[0] if k != "prompt"}
-        scored = self.rewards([self.prompt_texts[i] for i in rows], texts, columns, rows=data)
+        with timed(sums, "reward_s"):
+            scored = self.rewards([self.prompt_texts[i] for i in rows], texts, columns, rows=data)
         total = torch.tensor(scored.total, dtype=torch.float32)
         lengths = torch.tensor([len(r) for r in responses], dtype=torch.float32)
         truncated = self.truncated(responses).float()
@@ -255,6 +256,7 @@ class RLTrainer(Trainer):
                "policy/approx_kl": s.get("approx_kl", 0.0) / tokens,
                "response/length_mean": s["length"] / n, "response/length_max": s["length_max"],
                "response/truncation_rate": s["truncated"] / n, "time/generate_s": s["generate_s"],
+               "time/logprob_s": s.get("logprob_s", 0.0), "time/reward_s": s["reward_s"], "time/train_s": s["train_s"],
                "perf/completions_per_s": s["n"] / max(s["generate_s"], 1e-9)}
         for key in [k for k in s if k.startswith("fn/")]:
             name = key.removeprefix("fn/")
@@ -262,8 +264,8 @@ class RLTrainer(Trainer):
         return out
 
     def reduce(self, sums: dict[str, float]) -> dict[str, float]:
-        """Sum over ranks; the longest response and the generation time (ranks generate at once) are maxima."""
-        maxima = {k: sums.pop(k, 0.0) for k in ("length_max", "generate_s")}
+        """Sum over ranks; the longest response and the phase times (ranks run each phase at once) are maxima."""
+        maxima = {k: sums.pop(k, 0.0) for k in ("length_max", "generate_s", "logprob_s", "reward_s", "train_s")}
         total = dist.all_reduce_sum(sums)
         total.update({k: dist.all_reduce_max(v) for k, v in maxima.items()})
         return total
@@ -273,6 +275,16 @@ class RLTrainer(Trainer):
         return evaluate_policy(self.engine.module, self.tokenizer, self.held_out, self.cfg.eval,
                                synced_gpus=zero_stage(self.engine) == 3, samples_file=samples,
                                reference=self.reference, rewards=self.rewards)
+
+
+@contextmanager
+def timed(sums: dict[str, float], key: str):
+    """Add the seconds the block takes to sums[key] (a phase of the step: time/<key> in the metrics)."""
+    began = time.perf_counter()
+    try:
+        yield
+    finally:
+        sums[key] = sums.get(key, 0.0) + time.perf_counter() - began
 
 
 def add(sums: dict[str, float], values: dict[str, float]) -> None:

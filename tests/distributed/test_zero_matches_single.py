@@ -6,6 +6,7 @@ The four stages run as one `rlhf pipeline` under `deepspeed --num_gpus 2 --modul
 stages in-process): the 1-process run accumulates two micro-batches where the 2-process run has one per rank,
 and RL sampling is seeded per sample (rollout.seeded), so both see the same responses."""
 
+import json
 import os
 import shutil
 import socket
@@ -32,7 +33,8 @@ ARGS = [
         "trainer.eval_every=0", "trainer.save_every=0", "rollout.max_new_tokens=8")),
     "sft.trainer.max_steps=3", "sft.trainer.save_every=2", "sft.trainer.keep_last=5", "train_rm.trainer.max_steps=3",
     "ppo.trainer.max_steps=2", "ppo.trainer.prompts_per_step=8", "ppo.algo.mini_batches=1",
-    "grpo.trainer.max_steps=2", "grpo.trainer.prompts_per_step=4", "grpo.algo.group_size=2", "grpo.algo.beta=0.04",
+    "grpo.trainer.max_steps=2", "grpo.trainer.save_every=1", "grpo.trainer.keep_last=5",
+    "grpo.trainer.prompts_per_step=4", "grpo.algo.group_size=2", "grpo.algo.beta=0.04",
     "grpo.reward.funcs=[tests.integration.rewards_for_tests:varied]", "grpo.reward.weights=[1.0]",
     "pipeline.stages=[sft,train_rm,ppo,grpo]", "pipeline.report=false",
 ]
@@ -53,7 +55,7 @@ def run_two_processes(*args: str) -> subprocess.CompletedProcess:
            str(_free_port()), "--module", "rlhf.cli", *args]
     proc = subprocess.run(cmd, cwd=REPO, env={**env, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True,
                           timeout=600)
-    assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, f"{' '.join(cmd)}: exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return proc
 
 
@@ -104,20 +106,42 @@ def test_zero3_final_loads_with_plain_transformers(two):
     AutoModelForSequenceClassification.from_pretrained(root / "train_rm" / "final")
 
 
-def test_a_two_process_zero3_run_resumes_exactly(two, tmp_path):
-    """sft kept its step-2 checkpoint: cut the finished run back to it and resume on 2 processes."""
-    zero, root = two
-    if zero != "zero3":
-        pytest.skip("resume is checked under ZeRO-3")
-    copy = tmp_path / "pipe"
-    shutil.copytree(root / "sft", copy / "sft")
-    ckpts = copy / "sft" / "checkpoints"
-    shutil.rmtree(copy / "sft" / "final")
-    (copy / "sft" / "summary.json").unlink()
-    for later in [p for p in ckpts.glob("step_*") if p.name != "step_00000002"]:
+def cut_back(root: Path, stage: str, step: int, dest: Path) -> Path:
+    """A copy of a finished pipeline whose `stage` is cut back to its step-`step` checkpoint, as if killed there."""
+    shutil.copytree(root, dest)
+    run = dest / stage
+    shutil.rmtree(run / "final")
+    (run / "summary.json").unlink()
+    keep = f"step_{step:08d}"
+    for later in [p for p in (run / "checkpoints").glob("step_*") if p.name != keep]:
         shutil.rmtree(later)
-    (ckpts / "latest").write_text("step_00000002")
-    proc = run_two_processes("pipeline", f"run.dir={copy}", *ARGS, "common.deepspeed=zero3", "pipeline.stages=[sft]")
+    (run / "checkpoints" / "latest").write_text(keep)
+    return dest
+
+
+# (stage, checkpoint step) resumed from each 2-process run
+RESUMED = {"zero2": ("grpo", 1), "zero3": ("sft", 2)}
+
+
+def test_a_two_process_run_resumes_exactly_on_two_processes_and_on_one(two, tmp_path):
+    """Resumed on 2 processes, and on 1 (DeepSpeed's universal format re-partitions the optimizer state): both end
+    where the uninterrupted run ended. RL samples are seeded by position in the data stream, so the resumed GRPO
+    run draws the same responses on any number of processes."""
+    zero, root = two
+    stage, step = RESUMED[zero]
+    on_two = cut_back(root, stage, step, tmp_path / "two")
+    only = f"pipeline.stages=[{stage}]"  # (its input stages are finished in the copy; later ones would re-run)
+    proc = run_two_processes("pipeline", f"run.dir={on_two}", *ARGS, f"common.deepspeed={zero}", only)
     output = proc.stdout + proc.stderr
-    assert "run.resume=true" in output and "resumed from" in output and output.count("pipeline: sft:") == 1
-    assert_same_run(root / "sft", copy / "sft", "sft resumed")
+    assert "run.resume=true" in output and f"resumed from {on_two / stage}" in output
+    assert output.count(f"pipeline: {stage}:") == 1  # one rank speaks
+    assert_same_run(root / stage, on_two / stage, f"{zero}/{stage} resumed on 2")
+
+    on_one = cut_back(root, stage, step, tmp_path / "one")
+    proc = run_cli("pipeline", f"run.dir={on_one}", *ARGS, *SINGLE, f"common.deepspeed={zero}", only)
+    assert "universal format" in proc.stdout + proc.stderr
+    assert_same_run(root / stage, on_one / stage, f"{zero}/{stage} resumed on 1")
+    checkpoints = on_one / stage / "checkpoints"
+    state = json.loads((checkpoints / (checkpoints / "latest").read_text() / "trainer_state.json").read_text())
+    assert state["world_size"] == 1
+    assert state["samples_seen"] == max(r.get("samples_seen", 0) for r in read_metrics(root / stage))

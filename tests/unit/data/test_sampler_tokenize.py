@@ -68,3 +68,16 @@ def test_prompt_template_and_chat_rendering():
     assert chat and text == tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     with pytest.raises(DataError, match="not a column"):
         render_prompt({"prompt": "x"}, tok, _data_cfg(prompt_template="{question}"))
+
+
+def test_a_run_resumed_on_another_process_count_sees_every_row_once():
+    """2 processes for 3 steps, then (resumed from samples_seen=24) 1 process, then 4: the rows seen are exactly
+    those of one process throughout - none skipped, none repeated."""
+    s, batch = StepSampler(37, seed=1), 8
+    seen, positions = [], []
+    for step, world in enumerate([2, 2, 2, 1, 1, 4, 4]):
+        for rank in range(world):
+            seen += s.rank_indices(step * batch, batch, rank, world)
+            positions += list(s.rank_positions(step * batch, batch, rank, world))
+    assert positions == list(range(7 * batch))
+    assert seen == s.indices(0, 7 * batch)

@@ -1,0 +1,525 @@
+"""Throughput of every stage (sft, train-rm, ppo, grpo) on one fixed workload, side by side with TRL.
+
+    .venv/bin/python scripts/bench.py [--steps 6 --batch 32 --prompts 8 --group 8 --dtype bf16 ...] [--no-trl]
+
+Every stage runs in its own process on the same saved model directory and the same synthetic data, so the peak RSS
+reported is that stage's alone. Our phase times come from the stage's own metrics.jsonl (time/generate_s,
+time/logprob_s, time/reward_s, time/train_s); TRL's from timers around its trainers' own methods. Model FLOP
+utilisation divides the model's FLOPs (`forward_flops`) by the time and by a large matmul timed in the same run.
+Writes <out>/bench.json and prints the table; docs/performance.md explains every column.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Optional
+
+STAGES = ("sft", "train-rm", "ppo", "grpo")
+PHASES = ("generate", "logprob", "reward", "train")
+TRL_STAGES = ("sft", "train-rm", "grpo")  # TRL 1.x ships no PPO trainer
+RL_STAGES = ("ppo", "grpo")
+EVAL_ROWS = 8  # held out for our stages' final evaluation, which runs after the timed steps
+
+
+@dataclass
+class Workload:
+    """What every implementation runs; one token per character with the embedded tokenizer."""
+
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 384
+    batch: int = 32  # sft / train-rm rows per step, and the RL micro-batch
+    prompts: int = 8  # RL prompts per step (PPO: prompts x group prompts of one sample each)
+    group: int = 8  # GRPO samples per prompt
+    prompt_len: int = 16
+    response_len: int = 32  # SFT / RM response tokens (EOS added), RL max_new_tokens
+    steps: int = 6
+    warmup: int = 1  # first steps left out of the averages (lazy initialisation, allocator growth)
+    dtype: str = "fp32"  # or bf16 (mixed precision in both implementations)
+    lr: float = 1e-4
+    kl_coef: float = 0.02  # GRPO beta and PPO kl_coef: both load and run a frozen reference
+    seed: int = 0
+
+    @property
+    def samples(self) -> int:
+        """RL responses per step."""
+        return self.prompts * self.group
+
+    @property
+    def micro(self) -> int:
+        return min(self.batch, self.samples)
+
+
+# ---- model FLOPs ----------------------------------------------------------------------------------------------
+def matmul_params(w: Workload, head_outputs: int) -> int:
+    """Weights that multiply every token (norms and the embedding lookup do not): q, k, v, o and the SwiGLU MLP's
+    three matrices per layer, and the output head (the tied embedding of a causal LM, one score for a reward model)."""
+    d = w.hidden_size
+    return w.num_layers * (4 * d * d + 3 * d * w.intermediate_size) + d * head_outputs
+
+
+def forward_flops(params: int, layers: int, hidden: int, seq_len: float) -> float:
+    """One forward pass over a sequence: 2 FLOPs (multiply, add) per weight per token, plus attention's scores and
+    weighted sum, 2 x 2 x hidden per layer for each position a token attends to (t positions for token t, causal).
+    Backward costs twice the forward (Kaplan et al. 2020, PaLM appendix B); a KV-cached generation of a sequence
+    costs one forward of it."""
+    return 2 * params * seq_len + 2 * layers * hidden * seq_len * (seq_len + 1)
+
+
+def step_flops(stage: str, w: Workload, vocab: int, response_len: float) -> dict[str, float]:
+    """Model FLOPs of one step by phase; response_len: the mean generated length (RL) or the response length."""
+    lm, rm = matmul_params(w, vocab), matmul_params(w, 1)
+
+    def fwd(params: int, n: float) -> float:
+        return forward_flops(params, w.num_layers, w.hidden_size, n)
+
+    if stage == "sft":
+        return {"train": 3 * w.batch * fwd(lm, w.prompt_len + w.response_len + 1)}
+    if stage == "train-rm":  # chosen and rejected each go through the model
+        return {"train": 3 * 2 * w.batch * fwd(rm, w.prompt_len + w.response_len + 1)}
+    seq, n = w.prompt_len + response_len, w.samples
+    reference = n * fwd(lm, seq) if w.kl_coef else 0.0
+    if stage == "grpo":  # one pass per step: the old log-probs are the current ones, not recomputed
+        return {"generate": n * fwd(lm, seq), "logprob": reference, "train": 3 * n * fwd(lm, seq)}
+    # PPO: old log-probs of the policy and values of the critic (a one-score model) too; both models train
+    return {"generate": n * fwd(lm, seq), "logprob": reference + n * (fwd(lm, seq) + fwd(rm, seq)),
+            "train": 3 * n * (fwd(lm, seq) + fwd(rm, seq))}
+
+
+def matmul_peak(device: str, dtype: str, size: Optional[int] = None, repeats: int = 5) -> float:
+    """FLOP/s of the fastest of `repeats` square matmuls: the ceiling MFU is measured against."""
+    import torch
+
+    size = size or (8192 if device == "cuda" else 2048)
+    a, b = (torch.randn(size, size, device=device, dtype=torch_dtype(dtype)) for _ in range(2))
+    inner = 10 if device == "cuda" else 1  # GPU kernels are too short to time one by one
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first one warms up
+        sync(device)
+        began = time.perf_counter()
+        for _ in range(inner):
+            a @ b
+        sync(device)
+        best = min(best, (time.perf_counter() - began) / inner)
+    return 2 * size ** 3 / best
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+
+
+def sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+# ---- inputs: one model directory, one data set per kind ---------------------------------------------------------
+def synthetic_rows(n: int, w: Workload) -> dict[str, list[dict]]:
+    """Rows of exact lengths: prompts `0...47+38=` of prompt_len characters (answer 85, for the accuracy reward) and
+    responses of response_len random digits; what the responses say does not matter to a throughput benchmark."""
+    if w.prompt_len < 6:
+        raise SystemExit(f"--prompt-len {w.prompt_len}: prompts need at least 6 characters (`47+38=`)")
+    rng = random.Random(w.seed)
+
+    def digits() -> str:
+        return "".join(rng.choice("0123456789") for _ in range(w.response_len))
+
+    kinds: dict[str, list[dict]] = {"sft": [], "prefs": [], "prompts": []}
+    for _ in range(n):
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        prompt = f"{a}+{b}=".rjust(w.prompt_len, "0")
+        kinds["sft"].append({"prompt": prompt, "completion": digits()})
+        kinds["prefs"].append({"prompt": prompt, "chosen": digits(), "rejected": digits()})
+        kinds["prompts"].append({"prompt": prompt, "answer": str(a + b)})
+    return kinds
+
+
+def write_inputs(out: Path, w: Workload) -> dict[str, Any]:
+    """The tiny model and its tokenizer saved by the project's zoo, and one jsonl file per data kind."""
+    from rlhf.config import ModelConfig, TinyModelConfig
+    from rlhf.engine.checkpoint import save_pretrained
+    from rlhf.models.zoo import load_policy, load_tokenizer
+
+    arch = TinyModelConfig(hidden_size=w.hidden_size, num_layers=w.num_layers, num_heads=w.num_heads,
+                           intermediate_size=w.intermediate_size,
+                           max_position_embeddings=max(256, w.prompt_len + w.response_len + 1))
+    cfg = ModelConfig(tiny=arch)
+    tokenizer = load_tokenizer(cfg)
+    model_dir = out / "model"
+    save_pretrained(load_policy(cfg, tokenizer, w.seed), tokenizer, model_dir)
+    rows = max(w.steps * w.batch, w.steps * w.samples) + EVAL_ROWS
+    paths = {}
+    for kind, data in synthetic_rows(rows, w).items():
+        paths[kind] = out / "data" / f"{kind}.jsonl"
+        paths[kind].parent.mkdir(parents=True, exist_ok=True)
+        paths[kind].write_text("".join(json.dumps(r) + "\n" for r in data))
+    return {"model": str(model_dir), "vocab": len(tokenizer), **{k: str(p) for k, p in paths.items()}}
+
+
+
+# ---- our stages -----------------------------------------------------------------------------------------------
+def our_command(stage: str, w: Workload, inputs: dict[str, Any], run_dir: Path) -> list[str]:
+    """`rlhf <stage>` on the workload: no evaluation or checkpoint inside the timed steps, constant learning rate."""
+    p, r = w.prompt_len, w.response_len
+    data = {"sft": "sft", "train-rm": "prefs"}.get(stage, "prompts")
+    args = [f"run.dir={run_dir}", "run.overwrite=true", f"run.seed={w.seed}",
+            f"model.name_or_path={inputs['model']}", f"model.dtype={w.dtype}", "model.gradient_checkpointing=false",
+            "data=local", f"data.path={inputs[data]}", f"data.eval_size={EVAL_ROWS}", f"data.max_prompt_length={p}",
+            f"data.max_length={p + r + 1}", f"trainer.max_steps={w.steps}", f"trainer.lr={w.lr}",
+            "trainer.lr_scheduler=constant", "trainer.warmup_steps=0", "trainer.weight_decay=0",
+            "trainer.eval_every=0", "trainer.save_every=0", f"eval.num_examples={EVAL_ROWS}",
+            f"eval.max_new_tokens={r}", "logger.progress=false"]
+    if stage in ("sft", "train-rm"):
+        args += [f"trainer.micro_batch_size={w.batch}", "trainer.grad_accum=1"]
+    if stage == "train-rm":
+        args += [f"algo.stats_rows={EVAL_ROWS}"]
+    if stage in RL_STAGES:
+        args += [f"trainer.micro_batch_size={w.micro}", f"rollout.max_new_tokens={r}",
+                 f"rollout.batch_size={w.samples}"]
+    if stage == "grpo":
+        args += [f"trainer.prompts_per_step={w.prompts}", f"algo.group_size={w.group}", f"algo.beta={w.kl_coef}",
+                 "algo.num_iterations=1", "algo.zero_variance=keep"]
+    if stage == "ppo":
+        args += [f"trainer.prompts_per_step={w.samples}", "algo.samples_per_prompt=1", "algo.ppo_epochs=1",
+                 "algo.mini_batches=1", f"algo.kl_coef={w.kl_coef}"]
+    return [sys.executable, "-m", "rlhf.cli", stage, *args]
+
+
+def run_child(argv: list[str], log_path: Path, env: dict[str, str]) -> dict[str, Any]:
+    """Run argv to its end, output to log_path: its exit code, peak RSS (MiB), wall seconds, and the share of the
+    machine's CPU time that other processes took meanwhile (what makes a shared machine's numbers noisy)."""
+    began, busy = time.perf_counter(), busy_cpu_s()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+        # wait4 gives this child's own peak; RUSAGE_CHILDREN would be the maximum over every child so far.
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - began
+    others = busy_cpu_s() - busy - usage.ru_utime - usage.ru_stime
+    return {"exit_code": proc.returncode, "peak_rss_mb": usage.ru_maxrss / 1024,  # Linux: ru_maxrss is in KiB
+            "wall_s": wall, "others_cpu": max(others, 0.0) / (wall * (os.cpu_count() or 1))}
+
+
+def busy_cpu_s() -> float:
+    """Seconds all CPUs have been busy since boot (Linux /proc/stat; 0 where there is none)."""
+    try:
+        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except OSError:
+        return 0.0
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+
+
+def step_rows(metrics_path: Path) -> list[dict[str, Any]]:
+    """The training steps of a metrics.jsonl (evaluation rows carry no samples_seen)."""
+    if not metrics_path.exists():
+        return []
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if "samples_seen" in r and "time/step_s" in r]
+
+
+# ---- summary ------------------------------------------------------------------------------------------------
+def summarise(stage: str, impl: str, rows: list[dict[str, Any]], w: Workload, vocab: int,
+              peak_flops: float) -> dict[str, Any]:
+    """Per-step means over the steps after the warm-up: throughput, phase seconds, FLOPs and MFU."""
+    timed = rows[w.warmup:] or rows
+
+    def mean(key: str) -> float:
+        return statistics.fmean(float(r.get(key, 0.0)) for r in timed)
+
+    step_s = mean("time/step_s")
+    phase_s = {p: mean(f"time/{p}_s") for p in PHASES}
+    if stage in RL_STAGES:
+        response = mean("response/length_mean")
+        samples, seq = w.samples, w.prompt_len + response
+        generated, trained = samples * response, samples * seq
+    else:
+        phase_s["train"] = step_s  # a supervised step is all training
+        response, seq = w.response_len + 1, w.prompt_len + w.response_len + 1
+        samples, generated = w.batch, 0.0
+        trained = w.batch * seq * (2 if stage == "train-rm" else 1)
+    phase_s["other"] = max(step_s - sum(phase_s.values()), 0.0)
+    flops = step_flops(stage, w, vocab, response)
+    return {"stage": stage, "impl": impl, "steps_timed": len(timed), "step_s": step_s, "phase_s": phase_s,
+            "samples_per_s": samples / step_s,
+            "gen_tokens_per_s": generated / phase_s["generate"] if phase_s["generate"] else None,
+            "train_tokens_per_s": trained / phase_s["train"] if phase_s["train"] else None,
+            "response_len_mean": response, "flops_per_step": sum(flops.values()),
+            "mfu": sum(flops.values()) / step_s / peak_flops,
+            "train_mfu": flops["train"] / phase_s["train"] / peak_flops if phase_s["train"] else None}
+
+
+RATIO_KEYS = ("samples_per_s", "gen_tokens_per_s", "train_tokens_per_s", "peak_rss_mb", "mfu")
+
+
+def ratios(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """ours / TRL per stage for every key both measured (above 1: ours is faster, or uses more memory)."""
+    by = {(r["stage"], r["impl"]): r for r in results if "error" not in r}
+    out = {}
+    for stage in STAGES:
+        ours, trl = by.get((stage, "ours")), by.get((stage, "trl"))
+        if ours and trl:
+            out[stage] = {k: ours[k] / trl[k] for k in RATIO_KEYS if ours.get(k) and trl.get(k)}
+    return out
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    """`digits` significant digits, and whole numbers from there up (1,234 rather than 1.23e+03)."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.0f}" if abs(value) >= 10 ** (digits - 1) else f"{value:.{digits}g}"
+    return str(value)
+
+
+def render_table(results: list[dict[str, Any]], ratio: dict[str, dict[str, float]]) -> str:
+    """Markdown tables: one row per stage and implementation, then ours / TRL."""
+    head = ["stage", "impl", "samples/s", "gen tok/s", "train tok/s", "s/step", "generate s", "logprob s",
+            "reward s", "train s", "peak RSS MiB", "MFU %", "others' CPU %"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['stage']} | {r['impl']} | failed: {r['error']} |" + " |" * (len(head) - 3))
+            continue
+        p = r["phase_s"]
+        cells = [r["stage"], r["impl"], fmt(r["samples_per_s"]), fmt(r["gen_tokens_per_s"]),
+                 fmt(r["train_tokens_per_s"]), fmt(r["step_s"]), *(fmt(p[k]) for k in PHASES),
+                 fmt(r.get("peak_rss_mb"), 4), fmt(100 * r["mfu"], 2), fmt(100 * r.get("others_cpu", 0.0), 2)]
+        lines.append("| " + " | ".join(cells) + " |")
+    if ratio:
+        lines += ["", "| stage | " + " | ".join(f"{k} ours/TRL" for k in RATIO_KEYS) + " |",
+                  "|" + " --- |" * (len(RATIO_KEYS) + 1)]
+        for stage, values in ratio.items():
+            cells = (f"{values[k]:.2f}" if k in values else "-" for k in RATIO_KEYS)
+            lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(out: Path, report: dict[str, Any]) -> str:
+    """bench.json (everything) and bench.md (the tables); returns the tables."""
+    table = render_table(report["results"], report["ratios"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "bench.md").write_text(table + "\n")
+    return table
+
+
+# ---- TRL: the same workload through its trainers, in a process of its own ----------------------------------------
+def trl_worker(stage: str, spec_path: str) -> None:
+    """Run `stage` with TRL as the spec says and write its steps in our metrics.jsonl layout."""
+    import datasets
+    import torch
+    import trl
+    from transformers import AutoTokenizer, TrainerCallback
+
+    from rlhf.rewards.rules import REWARD_FUNCS
+
+    spec = json.loads(Path(spec_path).read_text())
+    w, model, run_dir, device = Workload(**spec["workload"]), spec["model"], Path(spec["run_dir"]), spec["device"]
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    data = {"sft": "sft", "train-rm": "prefs"}.get(stage, "prompts")
+    # as many rows as our stages train on (they hold EVAL_ROWS out for their final evaluation)
+    rows = [json.loads(line) for line in Path(spec[data]).read_text().splitlines()][EVAL_ROWS:]
+    dataset = datasets.Dataset.from_list(rows)
+
+    class Steps(TrainerCallback):
+        """Wall time between optimizer-step ends, and the seconds spent in wrapped trainer methods during it."""
+
+        def __init__(self):
+            self.rows: list[dict[str, Any]] = []
+            self.phase: dict[str, float] = {}
+            self.last = time.perf_counter()
+
+        def wrap(self, trainer, name: str, phase: str, only_without_grad: bool = False) -> None:
+            method = getattr(trainer, name)
+
+            def timed(*args, **kwargs):
+                if only_without_grad and torch.is_grad_enabled():
+                    return method(*args, **kwargs)
+                began = time.perf_counter()
+                try:
+                    return method(*args, **kwargs)
+                finally:
+                    sync(device)
+                    self.phase[phase] = self.phase.get(phase, 0.0) + time.perf_counter() - began
+
+            setattr(trainer, name, timed)
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.last = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            sync(device)
+            now = time.perf_counter()
+            row = {"step": state.global_step, "time/step_s": now - self.last,
+                   **{f"time/{k}_s": v for k, v in self.phase.items()}}
+            if "experience" in self.phase:  # training is what the step did besides making experience
+                row["time/train_s"] = row["time/step_s"] - row.pop("time/experience_s")
+            self.rows.append(row)
+            self.phase, self.last = {}, now
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "completions/mean_length" in logs and self.rows:
+                self.rows[-1]["response/length_mean"] = logs["completions/mean_length"]
+
+    steps = Steps()
+    common = dict(output_dir=str(run_dir), max_steps=w.steps, learning_rate=w.lr, lr_scheduler_type="constant",
+                  warmup_steps=0, weight_decay=0.0, adam_beta2=0.95, max_grad_norm=1.0, logging_steps=1,
+                  save_strategy="no", report_to=[], gradient_checkpointing=False, bf16=w.dtype == "bf16",
+                  use_cpu=device == "cpu", seed=w.seed, disable_tqdm=True, dataloader_num_workers=0)
+    if stage == "sft":
+        trainer = trl.SFTTrainer(model=model, processing_class=tokenizer, train_dataset=dataset, callbacks=[steps],
+                                 args=trl.SFTConfig(per_device_train_batch_size=w.batch, packing=False,
+                                                    max_length=w.prompt_len + w.response_len + 1, **common))
+    elif stage == "train-rm":
+        trainer = trl.RewardTrainer(model=model, processing_class=tokenizer, train_dataset=dataset, callbacks=[steps],
+                                    args=trl.RewardConfig(per_device_train_batch_size=w.batch,
+                                                          max_length=w.prompt_len + w.response_len + 1, **common))
+    else:
+        # Our rule rewards take TRL's signature as they are; weights as conf/reward/rules.yaml.
+        config = trl.GRPOConfig(per_device_train_batch_size=w.micro, gradient_accumulation_steps=w.samples // w.micro,
+                                num_generations=w.group, max_completion_length=w.response_len, temperature=1.0,
+                                top_p=1.0, beta=w.kl_coef, epsilon=0.2, loss_type="dapo", scale_rewards="group",
+                                num_iterations=1, reward_weights=[1.0, 0.2], log_completions=False, **common)
+        trainer = trl.GRPOTrainer(model=model, processing_class=tokenizer, train_dataset=dataset, callbacks=[steps],
+                                  reward_funcs=[REWARD_FUNCS.get("accuracy"), REWARD_FUNCS.get("format")], args=config)
+        steps.wrap(trainer, "_generate_and_score_completions", "experience")
+        steps.wrap(trainer, "_generate", "generate")
+        steps.wrap(trainer, "_calculate_rewards", "reward")
+        steps.wrap(trainer, "_get_per_token_logps_and_entropies", "logprob", only_without_grad=True)
+    trainer.train()
+    samples = w.samples if stage == "grpo" else w.batch
+    (run_dir / "metrics.jsonl").write_text("".join(
+        json.dumps({**r, "samples_seen": r["step"] * samples}) + "\n" for r in steps.rows))
+
+
+# ---- the run ----------------------------------------------------------------------------------------------------
+def machine(device: str) -> dict[str, Any]:
+    import torch
+
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+    else:
+        cpuinfo = Path("/proc/cpuinfo")
+        models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                  if line.startswith("model name")] if cpuinfo.exists() else []
+        name = f"{models[0] if models else platform.processor() or 'CPU'}, {os.cpu_count()} cores"
+    return {"device": device, "device_name": name, "torch_threads": torch.get_num_threads()}
+
+
+def versions() -> dict[str, Optional[str]]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for package in ("torch", "transformers", "deepspeed", "trl", "accelerate"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            out[package] = None
+    return out
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(Workload):
+        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                            help=f"default {f.default}")
+    parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of " + ", ".join(STAGES))
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads per process (default: torch's, one per core); 1 keeps a CPU shared with "
+                             "other work measurable, where several threads wait on each other's stolen time slices")
+    parser.add_argument("--out", default=None, help="output directory (default outputs/bench/<timestamp>)")
+    parser.add_argument("--no-trl", action="store_true", help="our stages only")
+    parser.add_argument("--trl-worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--spec", default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = parse_args(argv)
+    if args.trl_worker:
+        return trl_worker(args.trl_worker, args.spec)
+    import importlib.util
+
+    import torch
+
+    w = Workload(**{f.name: getattr(args, f.name) for f in fields(Workload)})
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = set(stages) - set(STAGES)
+    if unknown or w.dtype not in ("fp32", "bf16") or w.samples % w.micro:
+        raise SystemExit(f"bad arguments: stages must be among {STAGES}, dtype fp32 or bf16, and the RL samples "
+                         f"(prompts x group = {w.samples}) a multiple of min(batch, samples) = {w.micro}")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    out = Path(args.out or Path("outputs/bench") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "DS_ACCELERATOR": device, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline",
+           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    if args.threads:
+        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+        torch.set_num_threads(args.threads)  # the matmul peak is measured with the stages' thread count
+    with_trl = not args.no_trl and importlib.util.find_spec("trl") is not None
+    note = ("TRL skipped (--no-trl)" if args.no_trl else
+            "TRL is not installed (pip install -e '.[bench]'): our stages only" if not with_trl else
+            f"TRL {versions()['trl']} ships no PPO trainer: ppo is ours only" if "ppo" in stages else None)
+
+    peaks = {"fp32": matmul_peak(device, "fp32")}
+    if w.dtype != "fp32":
+        peaks[w.dtype] = matmul_peak(device, w.dtype)
+    print(f"matmul peak on {device}: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peaks.items()), flush=True)
+    inputs = write_inputs(out, w)
+    results = []
+    for stage in stages:
+        impls = ["ours"] + (["trl"] if with_trl and stage in TRL_STAGES else [])
+        for impl in impls:
+            run_dir = out / impl / stage
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if impl == "ours":
+                argv = our_command(stage, w, inputs, run_dir)
+            else:
+                spec = run_dir / "spec.json"
+                spec.write_text(json.dumps({"workload": asdict(w), "run_dir": str(run_dir), "device": device,
+                                            **inputs}))
+                argv = [sys.executable, __file__, "--trl-worker", stage, "--spec", str(spec)]
+            print(f"{stage} ({impl}) ...", end=" ", flush=True)
+            child = run_child(argv, run_dir / "log.txt", env)
+            rows = step_rows(run_dir / "metrics.jsonl")
+            if child["exit_code"] != 0 or not rows:
+                result = {"stage": stage, "impl": impl,
+                          "error": f"exit code {child['exit_code']}, see {run_dir / 'log.txt'}"}
+            else:
+                result = summarise(stage, impl, rows, w, inputs["vocab"], peaks[w.dtype])
+            result.update(child, run_dir=str(run_dir))
+            print(result.get("error") or f"{child['wall_s']:.0f}s, other processes took "
+                  f"{100 * child['others_cpu']:.0f}% of the CPUs", flush=True)
+            results.append(result)
+    report = {"machine": machine(device), "dtype": w.dtype, "versions": versions(),
+              "matmul_peak_flops": peaks, "workload": asdict(w), "note": note, "results": results,
+              "ratios": ratios(results)}
+    table = write_report(out, report)
+    d = report["machine"]
+    print(f"\n{d['device_name']} ({device}, threads per process: {d['torch_threads']}), {w.dtype}; "
+          f"steps {w.warmup + 1}-{w.steps} of {w.steps} averaged")
+    print(table)
+    if note:
+        print(f"\n{note}")
+    print(f"\nwrote {out / 'bench.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""scripts/bench.py's pure parts: the FLOP count against hand-worked numbers, the summary and the report writer."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench.py"
+spec = importlib.util.spec_from_file_location("bench", SCRIPT)
+bench = importlib.util.module_from_spec(spec)
+sys.modules["bench"] = bench  # dataclasses look their module up while the script is executed
+spec.loader.exec_module(bench)
+
+VOCAB = 104  # the embedded character tokenizer: 7 special tokens, 95 printable characters, newline and tab
+
+
+def test_matmul_params_of_the_embedded_model():
+    w = bench.Workload()  # hidden 128, 4 layers, MLP 384
+    per_layer = 4 * 128 * 128 + 3 * 128 * 384  # q, k, v, o + gate, up, down = 65,536 + 147,456
+    assert bench.matmul_params(w, VOCAB) == 4 * per_layer + 128 * 104 == 865_280
+    assert bench.matmul_params(w, 1) == 851_968 + 128
+
+
+def test_forward_flops_by_hand():
+    # 2 x 865,280 weights x 10 tokens = 17,305,600; attention: 2 x 2 x 128 x 4 layers x (1 + ... + 10 = 55) = 112,640
+    assert bench.forward_flops(865_280, 4, 128, 10) == 17_305_600 + 112_640
+
+
+def test_step_flops_by_stage():
+    w = bench.Workload(batch=4, prompts=2, group=3, prompt_len=6, response_len=9, kl_coef=0.1)
+    lm, rm = bench.matmul_params(w, VOCAB), bench.matmul_params(w, 1)
+
+    def fwd(params, n):
+        return bench.forward_flops(params, 4, 128, n)
+
+    assert bench.step_flops("sft", w, VOCAB, 10) == {"train": 3 * 4 * fwd(lm, 16)}
+    assert bench.step_flops("train-rm", w, VOCAB, 10) == {"train": 3 * 8 * fwd(rm, 16)}
+    grpo = bench.step_flops("grpo", w, VOCAB, 4.0)  # 6 samples of 6 + 4 tokens
+    assert grpo == {"generate": 6 * fwd(lm, 10), "logprob": 6 * fwd(lm, 10), "train": 18 * fwd(lm, 10)}
+    ppo = bench.step_flops("ppo", w, VOCAB, 4.0)
+    assert ppo["logprob"] == 6 * (2 * fwd(lm, 10) + fwd(rm, 10))  # old and reference log-probs, values
+    assert ppo["train"] == 18 * (fwd(lm, 10) + fwd(rm, 10))
+    no_kl = bench.Workload(prompts=2, group=3, kl_coef=0.0)
+    assert bench.step_flops("grpo", no_kl, VOCAB, 4.0)["logprob"] == 0.0
+
+
+def test_summary_leaves_out_the_warm_up_and_splits_the_step():
+    w = bench.Workload(prompts=2, group=4, prompt_len=6, warmup=1)
+    rows = [{"time/step_s": 9.0, "time/generate_s": 9.0, "response/length_mean": 1.0},
+            {"time/step_s": 2.0, "time/generate_s": 1.0, "time/logprob_s": 0.25, "time/reward_s": 0.05,
+             "time/train_s": 0.5, "response/length_mean": 4.0}]
+    r = bench.summarise("grpo", "ours", rows, w, VOCAB, peak_flops=1e9)
+    assert r["steps_timed"] == 1 and r["step_s"] == 2.0
+    assert r["samples_per_s"] == 8 / 2.0
+    assert r["gen_tokens_per_s"] == 8 * 4.0 / 1.0
+    assert r["train_tokens_per_s"] == 8 * 10.0 / 0.5
+    assert r["phase_s"]["other"] == pytest.approx(0.2)
+    flops = bench.step_flops("grpo", w, VOCAB, 4.0)
+    assert r["mfu"] == pytest.approx(sum(flops.values()) / 2.0 / 1e9)
+    sft = bench.summarise("sft", "trl", [{"time/step_s": 0.5}], w, VOCAB, peak_flops=1e9)
+    assert sft["phase_s"]["train"] == 0.5 and sft["gen_tokens_per_s"] is None
+
+
+def test_step_rows_skip_evaluation_rows(tmp_path):
+    lines = [{"step": 1, "time/step_s": 1.0, "samples_seen": 4}, {"step": 1, "time/step_s": 3.0, "eval/loss": 1.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert bench.step_rows(tmp_path / "metrics.jsonl") == lines[:1]
+    assert bench.step_rows(tmp_path / "missing.jsonl") == []
+
+
+def test_synthetic_rows_have_exact_lengths():
+    w = bench.Workload(prompt_len=9, response_len=5)
+    rows = bench.synthetic_rows(3, w)
+    assert all(len(r["prompt"]) == 9 and r["prompt"].endswith("=") for r in rows["prompts"])
+    assert all(len(r["completion"]) == 5 for r in rows["sft"])
+    assert all(len(r["chosen"]) == len(r["rejected"]) == 5 for r in rows["prefs"])
+    a, b = rows["prompts"][0]["prompt"].lstrip("0").rstrip("=").split("+")
+    assert rows["prompts"][0]["answer"] == str(int(a) + int(b))
+
+
+def test_report_and_ratios(tmp_path):
+    ours = {"stage": "grpo", "impl": "ours", "samples_per_s": 4.0, "gen_tokens_per_s": 10.0, "train_tokens_per_s": 8.0,
+            "peak_rss_mb": 600.0, "mfu": 0.02, "step_s": 2.0,
+            "phase_s": {"generate": 1.0, "logprob": 0.2, "reward": 0.1, "train": 0.6, "other": 0.1}}
+    trl = {**ours, "impl": "trl", "samples_per_s": 2.0, "peak_rss_mb": 800.0, "mfu": 0.01, "step_s": 4.0}
+    failed = {"stage": "ppo", "impl": "ours", "error": "exit code 1"}
+    ratio = bench.ratios([ours, trl, failed])
+    assert ratio == {"grpo": {"samples_per_s": 2.0, "gen_tokens_per_s": 1.0, "train_tokens_per_s": 1.0,
+                              "peak_rss_mb": 0.75, "mfu": 2.0}}
+    table = bench.write_report(tmp_path, {"results": [ours, trl, failed], "ratios": ratio})
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["ratios"] == ratio and (tmp_path / "bench.md").read_text() == table + "\n"
+    assert "| grpo | ours | 4 |" in table and "failed: exit code 1" in table
+    assert "| grpo | 2.00 | 1.00 | 1.00 | 0.75 | 2.00 |" in table
+
+
+def test_flags_set_the_workload():
+    args = bench.parse_args(["--prompt-len", "20", "--dtype", "bf16", "--no-trl", "--stages", "sft"])
+    assert (args.prompt_len, args.dtype, args.no_trl, args.stages) == (20, "bf16", True, "sft")
