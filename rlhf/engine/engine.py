@@ -101,6 +101,30 @@ def build_engine(model: torch.nn.Module, cfg: DictConfig, world_size: int, lr: f
     return engine
 
 
+def frozen_model(model: torch.nn.Module, cfg: DictConfig, world_size: int, device: torch.device) -> torch.nn.Module:
+    """A frozen model of an RL stage (the reference, the reward model), ready for no-grad forwards.
+
+    Under ZeRO-3 it runs in a DeepSpeed engine without optimizer, its weights partitioned over the processes like
+    the policy's (each holds 1/N, a forward gathers a layer at a time; ZeRO-3's offload_param applies too), so a
+    large reference needs no whole copy per GPU. Every rank must then run the same forwards, as the trainers do.
+    Otherwise it is the plain model on this process's device."""
+    ds = deepspeed_config(cfg, world_size)
+    zero = ds.get("zero_optimization") or {}
+    if int(zero.get("stage", 0)) != 3:
+        return model.to(device)
+    import deepspeed
+
+    config = {"train_micro_batch_size_per_gpu": ds["train_micro_batch_size_per_gpu"],
+              "gradient_accumulation_steps": 1, "train_batch_size": ds["train_micro_batch_size_per_gpu"] * world_size,
+              "zero_optimization": {k: v for k, v in zero.items() if k == "stage" or k.startswith(
+                  ("offload_param", "stage3_param", "stage3_prefetch", "stage3_max_live"))},
+              "bf16": ds["bf16"], "fp16": ds["fp16"], "steps_per_print": ds["steps_per_print"]}
+    model.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    return engine.module
+
+
 def zero_stage(engine) -> int:
     return int(engine.zero_optimization_stage()) if hasattr(engine, "zero_optimization_stage") else 0
 

@@ -51,15 +51,17 @@ def score_completions(held_out: HeldOut, indices: Sequence[int], completions: Se
     return sums
 
 
-def reward_sums(rewards, held_out: HeldOut, indices: Sequence[int], completions: Sequence[str]) -> dict[str, float]:
-    """Sums of the weighted reward (and of each function's score when there are several) over the given rows."""
+def reward_sums(rewards, held_out: HeldOut, indices: Sequence[int], completions: Sequence[str],
+                count: int | None = None) -> dict[str, float]:
+    """Sums of the weighted reward (and of each function's score when there are several) over the first `count`
+    of the given rows (all of them by default; all are scored)."""
     rows = [held_out.rows[i] for i in indices]
     columns = {k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"} if rows else {}
     result = rewards([held_out.prompts[i] for i in indices], list(completions), columns, rows=rows)
-    sums = {"reward": float(sum(result.total))}
+    sums = {"reward": float(sum(result.total[:count]))}
     if len(result.per_function) > 1:
         for name, values in result.per_function.items():
-            sums[f"reward/{name}"] = float(sum(v for v in values if v is not None))
+            sums[f"reward/{name}"] = float(sum(v for v in values[:count] if v is not None))
     return sums
 
 
@@ -74,17 +76,22 @@ def evaluate_policy(model, tokenizer, held_out: HeldOut, eval_cfg: DictConfig, s
     if len(held_out) == 0:
         return {}
     mine = list(range(dist.rank(), len(held_out), dist.world_size()))
+    # Under ZeRO-3 every forward (generation, the reference's, the reward model's) is a collective, so every rank
+    # runs the same batches: a rank whose share is one prompt short repeats one, and the repeat is not counted.
+    width = -(-len(held_out) // dist.world_size())
+    run, n = mine + [mine[0] if mine else 0] * (width - len(mine)), len(mine)
     params = SamplingParams(max_new_tokens=eval_cfg.max_new_tokens, greedy=True)
-    responses = generate(model, [held_out.prompt_ids[i] for i in mine], tokenizer.pad_token_id,
+    responses = generate(model, [held_out.prompt_ids[i] for i in run], tokenizer.pad_token_id,
                          tokenizer.eos_token_id, params, eval_cfg.batch_size, synced_gpus=synced_gpus)
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-    sums = score_completions(held_out, mine, texts)
+    sums = score_completions(held_out, mine, texts[:n])
     if reference is not None:
-        exp = build_experience([held_out.prompt_ids[i] for i in mine], responses, tokenizer.pad_token_id,
+        exp = build_experience([held_out.prompt_ids[i] for i in run], responses, tokenizer.pad_token_id,
                                tokenizer.eos_token_id, eval_cfg.max_new_tokens).to(dist.device())
-        sums["kl"] = float(batched_response_kl(model, reference, exp, eval_cfg.batch_size).sum())
+        sums["kl"] = float(batched_response_kl(model, reference, exp, eval_cfg.batch_size)[:n].sum())
     if rewards is not None:
-        sums.update(reward_sums(rewards, held_out, mine, texts))
+        sums.update(reward_sums(rewards, held_out, run, texts, count=n))
+    responses, texts = responses[:n], texts[:n]
     sums["length"] = float(sum(len(r) for r in responses))
     sums["truncated"] = float(sum(tokenizer.eos_token_id not in r for r in responses))
     total = dist.all_reduce_sum(sums)

@@ -19,7 +19,7 @@ from rlhf.data.loading import load_rows
 from rlhf.data.sampler import StepSampler
 from rlhf.data.tokenize import encode_rows, render_prompt
 from rlhf.engine import distributed as dist
-from rlhf.engine.engine import backward, build_engine, optimizer_step, zero_stage
+from rlhf.engine.engine import backward, build_engine, frozen_model, optimizer_step, zero_stage
 from rlhf.errors import ConfigError, DataError
 from rlhf.models.zoo import load_policy, load_reference, load_tokenizer
 from rlhf.rewards.combine import RewardSet
@@ -130,8 +130,15 @@ class RLTrainer(Trainer):
                                    optimizer_steps=cfg.trainer.max_steps * self.passes * self.mini_batches)
         self.engines = {"policy": self.engine}
         self.rewards = build_rewards(cfg, self.engine.device)
-        self.reference = load_reference(cfg.model, self.tokenizer, cfg.run.seed).to(self.engine.device) \
-            if self.needs_reference else None
+        for scorer in self.rewards.funcs:
+            if hasattr(scorer, "classifier"):  # the reward model
+                scorer.classifier = frozen_model(scorer.classifier, cfg, self.world, self.engine.device)
+        self.reference = frozen_model(load_reference(cfg.model, self.tokenizer, cfg.run.seed), cfg, self.world,
+                                      self.engine.device) if self.needs_reference else None
+        frozen = [name for name, m in (("reference", self.reference), ("reward model", scorer_model(self.rewards)))
+                  if m is not None and any(hasattr(p, "ds_id") for p in m.parameters())]  # ZeRO-3's parameters
+        if frozen:
+            self._info(f"{' and '.join(frozen)} partitioned over {self.world} process(es) (ZeRO-3 inference engine)")
         r = cfg.rollout
         self.sampling = SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k)
 
@@ -275,6 +282,11 @@ class RLTrainer(Trainer):
         return evaluate_policy(self.engine.module, self.tokenizer, self.held_out, self.cfg.eval,
                                synced_gpus=zero_stage(self.engine) == 3, samples_file=samples,
                                reference=self.reference, rewards=self.rewards)
+
+
+def scorer_model(rewards: RewardSet):
+    """The learned reward model's network among the reward functions, if there is one."""
+    return next((f.classifier for f in rewards.funcs if hasattr(f, "classifier")), None)
 
 
 @contextmanager

@@ -86,7 +86,11 @@ def assert_same_run(a: Path, b: Path, stage: str) -> None:
 @pytest.fixture(scope="module", params=["zero2", "zero3"])
 def two(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param) / "pipe"
-    run_two_processes("pipeline", f"run.dir={root}", *ARGS, f"common.deepspeed={request.param}")
+    proc = run_two_processes("pipeline", f"run.dir={root}", *ARGS, f"common.deepspeed={request.param}")
+    frozen = [line for line in (proc.stdout + proc.stderr).splitlines() if "ZeRO-3 inference engine" in line]
+    # ppo's reference and reward model, grpo's reference: sharded like the policy under ZeRO-3 only
+    assert len(frozen) == (2 if request.param == "zero3" else 0), frozen
+    assert request.param == "zero2" or "reference and reward model partitioned over 2" in frozen[0]
     return request.param, root
 
 
