@@ -110,7 +110,7 @@ def frozen_model(model: torch.nn.Module, cfg: DictConfig, world_size: int, devic
     Otherwise it is the plain model on this process's device."""
     ds = deepspeed_config(cfg, world_size)
     zero = ds.get("zero_optimization") or {}
-    if int(zero.get("stage", 0)) != 3:
+    if configured_zero_stage(ds) != 3:
         return model.to(device)
     import deepspeed
 
@@ -123,6 +123,13 @@ def frozen_model(model: torch.nn.Module, cfg: DictConfig, world_size: int, devic
     engine, *_ = deepspeed.initialize(model=model, config=config)
     engine.eval()
     return engine.module
+
+
+def configured_zero_stage(cfg_or_ds: DictConfig | Mapping[str, Any]) -> int:
+    """The ZeRO stage a run's engines are built with: of a run config (its fragment and deepspeed.overrides, merged
+    as deepspeed_config merges them), or of a DeepSpeed config already derived."""
+    ds = deepspeed_config(cfg_or_ds, world_size=1) if isinstance(cfg_or_ds, DictConfig) else cfg_or_ds
+    return int((ds.get("zero_optimization") or {}).get("stage", 0))
 
 
 def zero_stage(engine) -> int:

@@ -62,10 +62,11 @@ class SeededSampling(LogitsProcessor):
         self.start: int | None = None
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self.start is None:
+        if self.start is None:  # the first decode step: the prompt width, and the device the seeds live on
             self.start = input_ids.shape[1]
+            self.seeds = self.seeds.to(scores.device)
         step = input_ids.shape[1] - self.start
-        row = _fmix32((self.seeds.to(scores.device) + step * 0x9E3779B9) & _M32)
+        row = _fmix32((self.seeds + step * 0x9E3779B9) & _M32)
         token = torch.arange(scores.shape[-1], device=scores.device, dtype=torch.int64)
         bits = _fmix32(row ^ ((token * 0x27D4EB2F + 0x165667B1) & _M32)) >> 8
         uniform = (bits.float() + 0.5) / 2.0 ** 24  # in (0, 1): the noise below is always finite

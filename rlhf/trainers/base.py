@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rlhf.engine import checkpoint as ckpt
 from rlhf.engine import distributed as dist
-from rlhf.engine.engine import deep_merge
+from rlhf.engine.engine import configured_zero_stage
 from rlhf.errors import ConfigError, RLHFError
 from rlhf.logging import MetricLogger
 from rlhf.plotting import plot_run
@@ -221,11 +221,7 @@ class Trainer:
                              self.cfg.trainer.keep_last)
 
     def zero_stage(self) -> int:
-        """The ZeRO stage this run's engines use (the config fragment, then deepspeed.overrides)."""
-        ds = self.cfg.deepspeed
-        merged = deep_merge(OmegaConf.to_container(ds.config, resolve=True) or {},
-                            OmegaConf.to_container(ds.overrides, resolve=True) or {})
-        return int((merged.get("zero_optimization") or {}).get("stage", 0))
+        return configured_zero_stage(self.cfg)
 
     def _resume(self, path: Path, universal: bool = False) -> None:
         state = ckpt.load_checkpoint(path, self.engines, universal)

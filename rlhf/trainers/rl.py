@@ -130,12 +130,13 @@ class RLTrainer(Trainer):
                                    optimizer_steps=cfg.trainer.max_steps * self.passes * self.mini_batches)
         self.engines = {"policy": self.engine}
         self.rewards = build_rewards(cfg, self.engine.device)
-        for scorer in self.rewards.funcs:
-            if hasattr(scorer, "classifier"):  # the reward model
-                scorer.classifier = frozen_model(scorer.classifier, cfg, self.world, self.engine.device)
+        scorer = next((f for f in self.rewards.funcs if hasattr(f, "classifier")), None)  # the reward model
+        if scorer is not None:
+            scorer.classifier = frozen_model(scorer.classifier, cfg, self.world, self.engine.device)
         self.reference = frozen_model(load_reference(cfg.model, self.tokenizer, cfg.run.seed), cfg, self.world,
                                       self.engine.device) if self.needs_reference else None
-        frozen = [name for name, m in (("reference", self.reference), ("reward model", scorer_model(self.rewards)))
+        frozen = [name for name, m in (("reference", self.reference),
+                                       ("reward model", scorer.classifier if scorer is not None else None))
                   if m is not None and any(hasattr(p, "ds_id") for p in m.parameters())]  # ZeRO-3's parameters
         if frozen:
             self._info(f"{' and '.join(frozen)} partitioned over {self.world} process(es) (ZeRO-3 inference engine)")
@@ -282,11 +283,6 @@ class RLTrainer(Trainer):
         return evaluate_policy(self.engine.module, self.tokenizer, self.held_out, self.cfg.eval,
                                synced_gpus=zero_stage(self.engine) == 3, samples_file=samples,
                                reference=self.reference, rewards=self.rewards)
-
-
-def scorer_model(rewards: RewardSet):
-    """The learned reward model's network among the reward functions, if there is one."""
-    return next((f.classifier for f in rewards.funcs if hasattr(f, "classifier")), None)
 
 
 @contextmanager
