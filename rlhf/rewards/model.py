@@ -108,25 +108,33 @@ def check_score(score: str, classifier: nn.Module) -> None:
                           "classifier with its own pooling head) cannot give; use algo.score=last_token")
 
 
-def token_rewards(classifier: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """The score head at every position, [B, T] in float32. Position ids follow the attention mask, so a row
-    scores the same under left padding, right padding or none."""
+def hidden_states(classifier: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """The backbone's last hidden states [B, T, H]. Position ids follow the attention mask, so a row scores the
+    same under left padding, right padding or none."""
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-    hidden = classifier.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                   use_cache=False).last_hidden_state
-    return classifier.score(hidden).squeeze(-1).float()
+    return classifier.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 use_cache=False).last_hidden_state
 
 
-def sequence_scores(classifier: nn.Module, batch: Mapping[str, Tensor], score: str) -> Tensor:
-    """One reward per sequence [B]: the head at the last real token (found from the mask, never from ids, which
-    breaks when the pad token is EOS), the per-token rewards summed over the response, or, for encoder
-    classifiers, their own pooled output (right padding)."""
-    if not has_token_head(classifier):
-        return classifier(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0].float()
-    rewards = token_rewards(classifier, batch["input_ids"], batch["attention_mask"])
+def token_rewards(classifier: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """The score head at every position, [B, T] in float32."""
+    return classifier.score(hidden_states(classifier, input_ids, attention_mask)).squeeze(-1).float()
+
+
+def read_scores(rewards: Tensor, batch: Mapping[str, Tensor], score: str) -> Tensor:
+    """One reward per sequence [B] from per-position rewards [B, T]: at the last real token (found from the mask,
+    never from ids, which breaks when the pad token is EOS) or summed over the response."""
     if score == "sum":
         return dense_scores(rewards, batch["response_mask"])
     return rewards.gather(-1, last_token_index(batch["attention_mask"]).unsqueeze(-1)).squeeze(-1)
+
+
+def sequence_scores(classifier: nn.Module, batch: Mapping[str, Tensor], score: str) -> Tensor:
+    """One reward per sequence [B] (see read_scores); encoder classifiers give their own pooled output (right
+    padding)."""
+    if not has_token_head(classifier):
+        return classifier(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0].float()
+    return read_scores(token_rewards(classifier, batch["input_ids"], batch["attention_mask"]), batch, score)
 
 
 def list_scores(flat: Tensor, batch: Mapping[str, Tensor]) -> Tensor:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
+from transformers import DynamicCache
 from transformers.generation.logits_process import (LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper,
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
@@ -73,13 +75,98 @@ class SeededSampling(LogitsProcessor):
         return scores.float() - torch.log(-torch.log(uniform))
 
 
-def _processors(params: SamplingParams, seeds: Sequence[int]) -> LogitsProcessorList:
+def _processors(params: SamplingParams, seeds: Sequence[int] | None) -> LogitsProcessorList:
     warpers = [TemperatureLogitsWarper(params.temperature)]
     if params.top_k > 0:
         warpers.append(TopKLogitsWarper(params.top_k))
     if params.top_p < 1.0:
         warpers.append(TopPLogitsWarper(params.top_p))
-    return LogitsProcessorList([*warpers, SeededSampling(seeds)])
+    return LogitsProcessorList([*warpers] + ([] if seeds is None else [SeededSampling(seeds)]))
+
+
+def _cache_kwarg(model) -> str:
+    """transformers renamed `past_key_values` to `cache` in 5.x; models with their own code may use either."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _all_done(done: bool, device: torch.device) -> bool:
+    """Whether every rank has finished (ZeRO-3: a rank that stops early would leave the others' gathers hanging)."""
+    flag = torch.tensor([0.0 if done else 1.0], device=device)
+    torch.distributed.all_reduce(flag)
+    return flag.item() == 0.0
+
+
+@torch.no_grad()
+def _decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, choose,
+            pad_id: int, eos_id: int | None, synced_gpus: bool) -> torch.Tensor:
+    """Sampled tokens [B, <= max_new_tokens] after left-padded prompts, with a KV cache; rows past their EOS hold
+    pad_id, and decoding stops when every row has ended (on every rank, with synced_gpus).
+
+    A lean loop in place of `model.generate`: per token it runs the model once and `choose(sequences, logits)`,
+    and nothing else. Rows with the same prompt (a GRPO group) share one prefill: the prompt is run once and its
+    keys and values are copied to the group's rows."""
+    batch, width = input_ids.shape
+    device = input_ids.device
+    distinct: dict[tuple[int, ...], int] = {}
+    holders: list[int] = []  # one row holding each distinct prompt
+    owner: list[int] = []  # which distinct prompt each row holds
+    for i, row in enumerate(torch.cat([input_ids, attention_mask], dim=1).tolist()):
+        if tuple(row) not in distinct:
+            distinct[tuple(row)] = len(holders)
+            holders.append(i)
+        owner.append(distinct[tuple(row)])
+    keep, owner_ids = torch.tensor(holders, device=device), torch.tensor(owner, device=device)
+    sequences = torch.full((batch, width + max_new_tokens), pad_id, dtype=input_ids.dtype, device=device)
+    sequences[:, :width] = input_ids
+    mask = torch.ones((batch, width + max_new_tokens), dtype=attention_mask.dtype, device=device)
+    mask[:, :width] = attention_mask
+    position = attention_mask.long().cumsum(-1) - 1
+    cache = DynamicCache(config=model.config)
+    key = _cache_kwarg(model)
+    out = model(input_ids=input_ids[keep], attention_mask=attention_mask[keep],
+                position_ids=position[keep].clamp_min(0), use_cache=True, logits_to_keep=1, **{key: cache})
+    logits = out.logits[:, -1].float()
+    if len(holders) < batch:
+        cache.batch_select_indices(owner_ids)
+        logits = logits[owner_ids]
+    next_position = position[:, -1:] + 1
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    steps = 0
+    for t in range(max_new_tokens):
+        token = choose(sequences[:, :width + t], logits)
+        if eos_id is not None:
+            token = torch.where(finished, torch.full_like(token, pad_id), token)
+            finished |= token == eos_id
+        sequences[:, width + t] = token
+        steps = t + 1
+        done = bool(finished.all()) if eos_id is not None else False
+        if (_all_done(done, device) if synced_gpus else done) or t + 1 == max_new_tokens:
+            break
+        out = model(input_ids=token[:, None], attention_mask=mask[:, :width + t + 1], position_ids=next_position,
+                    use_cache=True, **{key: cache})
+        logits = out.logits[:, -1].float()
+        next_position = next_position + 1
+    return sequences[:, width:width + steps]
+
+
+def _greedy(_: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(-1)
+
+
+def _chooser(params: SamplingParams, seeds: Sequence[int] | None):
+    """The next token from the last position's float32 logits: greedy, a seeded Gumbel-max draw, or torch's draw
+    from the warped distribution."""
+    if params.greedy or params.temperature <= 0:
+        return _greedy
+    if seeds is not None:
+        processors = _processors(params, seeds)
+        return lambda sequences, logits: processors(sequences, logits).argmax(-1)
+    processors = _processors(params, None)
+
+    def draw(sequences: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return torch.multinomial(torch.softmax(processors(sequences, logits), dim=-1), 1).squeeze(1)
+
+    return draw
 
 
 @torch.no_grad()
@@ -92,19 +179,12 @@ def generate(model, prompts: Sequence[Sequence[int]], pad_id: int, eos_id: int |
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    greedy = params.greedy or params.temperature <= 0
     out: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
         batch = {k: v.to(device) for k, v in collate_prompts(prompts[start:start + batch_size], pad_id).items()}
-        if greedy:
-            kwargs = dict(do_sample=False)
-        elif seeds is not None:
-            kwargs = dict(do_sample=False, logits_processor=_processors(params, seeds[start:start + batch_size]))
-        else:
-            kwargs = dict(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
-        sequences = model.generate(**batch, max_new_tokens=params.max_new_tokens, pad_token_id=pad_id,
-                                   eos_token_id=eos_id, synced_gpus=synced_gpus, use_cache=True, **kwargs)
-        responses = sequences[:, batch["input_ids"].shape[1]:].cpu()
+        choose = _chooser(params, None if seeds is None else seeds[start:start + batch_size])
+        responses = _decode(model, batch["input_ids"], batch["attention_mask"], params.max_new_tokens, choose,
+                            pad_id, eos_id, synced_gpus).cpu()
         lengths, _ = response_lengths(responses, eos_id)
         out.extend(row[:n].tolist() for row, n in zip(responses, lengths))
     model.train(was_training)

@@ -15,12 +15,13 @@ from typing import Any, Sequence
 import torch
 
 from rlhf.algos.reward_model import RM_LOSSES, ranking_accuracy, ranking_centering_loss
+from rlhf.algos.sft import sft_loss
 from rlhf.data.formats import drop_invalid_preferences
 from rlhf.data.loading import load_rows
 from rlhf.data.sampler import StepSampler
 from rlhf.engine import checkpoint as ckpt
 from rlhf.engine import distributed as dist
-from rlhf.engine.engine import backward, build_engine, optimizer_step
+from rlhf.engine.engine import backward, build_engine, configured_zero_stage, optimizer_step
 from rlhf.errors import ConfigError, DataError
 from rlhf.models.zoo import load_reward_model, load_tokenizer, prepare_for_training
 from rlhf.rewards.model import (
@@ -30,12 +31,19 @@ from rlhf.rewards.model import (
     check_score,
     collate_preferences,
     encode_preference,
+    has_token_head,
+    hidden_states,
     list_scores,
+    read_scores,
     score_preferences,
     sequence_scores,
 )
 from rlhf.trainers.base import Trainer
 from rlhf.trainers.sft import training_model_config
+
+
+DEFAULT_LM_COEF = 1.0
+"""algo.lm_coef=null's weight: on the built-in preferences 1.0 beat 0.2 (held-out accuracy 0.97 against 0.905)."""
 
 
 def load_preferences(cfg: Any, split: str, tokenizer, on_invalid: str, info=print) -> list[Preference]:
@@ -83,6 +91,16 @@ def list_losses(algo: Any, scores: torch.Tensor, batch: dict[str, torch.Tensor],
     if algo.center_coef:
         losses = losses + ranking_centering_loss(scores, batch["list_mask"], algo.center_coef, reduction="none")
     return losses
+
+
+def chosen_lm_loss(classifier, hidden: torch.Tensor, batch: dict[str, torch.Tensor],
+                   num_tokens: float) -> torch.Tensor:
+    """Next-token NLL of each list's best response given its prompt, with the input embeddings as output head
+    (tied, as in the causal LM the backbone came from), summed over this micro-batch and divided by the step's
+    number of such tokens."""
+    best = batch["slots"][:, 0]
+    logits = torch.nn.functional.linear(hidden[best], classifier.get_input_embeddings().weight)
+    return sft_loss(logits, batch["input_ids"][best], batch["response_mask"][best, 1:], num_tokens)
 
 
 def preference_sums(scores: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
@@ -166,8 +184,25 @@ class RewardModelTrainer(Trainer):
         model = load_reward_model(training_model_config(cfg.model), self.tokenizer, cfg.run.seed)
         prepare_for_training(model, cfg.model)
         check_score(self.score, model)
+        self.lm_coef = self.language_modelling_weight(model)
         self.engine = build_engine(model, cfg, self.world)
         self.engines = {"reward_model": self.engine}
+
+    def language_modelling_weight(self, model) -> float:
+        """algo.lm_coef, or for null the default where the regulariser can run (said, with why not otherwise)."""
+        coef = self.cfg.algo.lm_coef
+        why_not = None
+        if not has_token_head(model):
+            why_not = f"{type(model).__name__} is not a decoder with a token head, so it cannot predict tokens"
+        elif configured_zero_stage(self.cfg) == 3:
+            why_not = "it reads the input embeddings outside the forward pass, which ZeRO-3 partitions"
+        if coef is None:
+            if why_not:
+                self._info(f"algo.lm_coef: the language-modelling regulariser is off: {why_not}")
+            return 0.0 if why_not else DEFAULT_LM_COEF
+        if coef and why_not:
+            raise ConfigError(f"algo.lm_coef={coef}: {why_not}; set algo.lm_coef=0 (or null)")
+        return float(coef)
 
     def batch_line(self) -> str:
         pairs = sum(len(e.response_ids) == 2 for e in self.train)
@@ -182,22 +217,36 @@ class RewardModelTrainer(Trainer):
         # The step's loss is the mean over its lists; DeepSpeed divides by grad_accum and averages over ranks,
         # so scaling by both keeps the gradient that of the whole step however it is split.
         scale = t.grad_accum * self.world
-        sums: dict[str, float] = {"loss": 0.0}
+        lm_coef = self.lm_coef
+        lm_tokens = 1.0
+        if lm_coef:
+            lm_tokens = max(dist.all_reduce_sum({"n": sum(float(b["response_mask"][b["slots"][:, 0], 1:].sum())
+                                                             for b in batches)})["n"], 1.0)
+        sums: dict[str, float] = {"loss": 0.0, "lm_loss": 0.0}
         grad_norm = None
         for batch in batches:
             batch = self.to_device(batch, self.engine.device)
-            scores = list_scores(sequence_scores(self.engine.module, batch, self.score), batch)
+            module = self.engine.module
+            if lm_coef:
+                hidden = hidden_states(module, batch["input_ids"], batch["attention_mask"])
+                flat = read_scores(module.score(hidden).squeeze(-1).float(), batch, self.score)
+                lm_loss = chosen_lm_loss(module, hidden, batch, lm_tokens)
+            else:
+                flat, lm_loss = sequence_scores(module, batch, self.score), torch.zeros(())
+            scores = list_scores(flat, batch)
             loss = list_losses(self.cfg.algo, scores, batch, self.use_margin).sum() / self.global_batch
-            backward(self.engine, loss * scale)
+            backward(self.engine, (loss + lm_coef * lm_loss) * scale)
             grad_norm = optimizer_step(self.engine)
             sums["loss"] += loss.item()
+            sums["lm_loss"] += lm_loss.item()
             for key, value in preference_sums(scores.detach().float(), batch["list_mask"]).items():
                 sums[key] = sums.get(key, 0.0) + value
         self.samples_seen += self.global_batch
         total = dist.all_reduce_sum(sums)
         shown = ("pairwise_accuracy", "margin", "chosen_mean", "rejected_mean")
         metrics = {k: v for k, v in preference_metrics(total, "train/").items() if k.split("/")[1] in shown}
-        return {"loss": total["loss"], "grad_norm": grad_norm, **metrics}
+        lm = {"lm_loss": total["lm_loss"]} if lm_coef else {}
+        return {"loss": total["loss"], **lm, "grad_norm": grad_norm, **metrics}
 
     def evaluate(self, final: bool = False) -> dict[str, float]:
         if not self.eval_set:

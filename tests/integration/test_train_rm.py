@@ -38,7 +38,7 @@ def test_train_rm_end_to_end_and_final_loads_with_plain_transformers(tmp_path, f
 
     records = read_metrics(run_dir)
     assert [r["step"] for r in records] == [0, 1, 2, 3, 4, 4]
-    assert all(r["loss"] > 0 and r["grad_norm"] > 0 for r in records if "loss" in r)
+    assert all(r["loss"] > 0 and r["grad_norm"] > 0 and r["lm_loss"] > 0 for r in records if "loss" in r)
     for key in ("eval/loss", "eval/pairwise_accuracy", "eval/margin", "eval/chosen_mean", "eval/chosen_std",
                 "eval/rejected_mean", "eval/rejected_std"):
         assert key in records[0] and key in records[2] and key in records[-1], key
@@ -143,8 +143,9 @@ def test_encoder_classifier_trains_and_scores(tmp_path):
     """A BERT-style reward model (its own pooling head) given by model.name_or_path."""
     save_tiny_bert_classifier(tmp_path / "bert")
     run_dir = tmp_path / "rm"
-    run_cli("train-rm", f"run.dir={run_dir}", f"model.name_or_path={tmp_path / 'bert'}",
-            "data.arithmetic.num_train=32", "data.arithmetic.num_eval=8", "trainer.max_steps=2", *TINY)
+    proc = run_cli("train-rm", f"run.dir={run_dir}", f"model.name_or_path={tmp_path / 'bert'}",
+                   "data.arithmetic.num_train=32", "data.arithmetic.num_eval=8", "trainer.max_steps=2", *TINY)
+    assert "the language-modelling regulariser is off: BertForSequenceClassification" in proc.stdout + proc.stderr
     assert 0.0 <= json.loads((run_dir / "summary.json").read_text())["pairwise_accuracy"] <= 1.0
     model = AutoModelForSequenceClassification.from_pretrained(run_dir / "final")
     assert type(model).__name__ == "BertForSequenceClassification" and model.config.num_labels == 1
