@@ -234,7 +234,7 @@ class RewardModelAlgoConfig:
     center_coef: float = 0.0
     """Weight of the centring term coef * (r_chosen + r_rejected)^2 that keeps rewards near 0 (0 = off)."""
     lm_coef: Optional[float] = None
-    """Weight of a language-modelling loss on the best (chosen) response, read through the input embeddings as output head, added to the preference loss (the hidden-state regulariser of GRM, Yang et al. 2024). Its next-token targets teach the backbone the task's text densely, where a preference pair gives one bit. Needs a decoder backbone and ZeRO 0-2. null: 1.0 where it can run, else off (said at start); 0: off."""
+    """Weight of a language-modelling loss on the best (chosen) response, read through the input embeddings as output head, added to the preference loss (the hidden-state regulariser of GRM, Yang et al. 2024). Its next-token targets teach the backbone the task's text densely, where a preference pair gives one bit. Needs a decoder backbone and ZeRO 0-2. null: 2.0 where it can run, else off (said at start); 0: off."""
     on_invalid: str = "drop"
     """Preference rows with identical or empty responses: drop (and count) or error."""
     stats_rows: Optional[int] = None

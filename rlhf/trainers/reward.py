@@ -42,8 +42,9 @@ from rlhf.trainers.base import Trainer
 from rlhf.trainers.sft import training_model_config
 
 
-DEFAULT_LM_COEF = 1.0
-"""algo.lm_coef=null's weight: on the built-in preferences 1.0 beat 0.2 (held-out accuracy 0.97 against 0.905)."""
+DEFAULT_LM_COEF = 2.0
+"""algo.lm_coef=null's weight. The default `rlhf train-rm` from scratch on the built-in preferences, held-out pairwise
+accuracy (seed 0 / 1): 0.845 / - without it, 0.905 / - at 0.2, 0.97 / 0.94 at 1.0, 0.975 / 0.975 at 2.0."""
 
 
 def load_preferences(cfg: Any, split: str, tokenizer, on_invalid: str, info=print) -> list[Preference]:

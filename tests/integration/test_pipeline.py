@@ -21,7 +21,7 @@ def _fast_common() -> list[str]:
 
 def test_pipeline_wires_stages_reports_and_skips_finished(tmp_path):
     root = tmp_path / "pipe"
-    args = ["pipeline", f"run.dir={root}", *_fast_common(), *STEPS]
+    args = ["pipeline", f"run.dir={root}", *_fast_common(), *STEPS, "pipeline.rm_init=sft"]
     first = run_cli(*args)
     for stage in ("sft", "train_rm", "ppo", "grpo", "sft_control"):
         assert (root / stage / "final").is_dir(), first.stdout

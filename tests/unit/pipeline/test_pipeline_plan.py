@@ -37,7 +37,8 @@ def test_stage_inputs_follow_the_recipe():
     assert inputs("ppo", cfg) == ["sft", "train_rm"]
     assert inputs("grpo", cfg) == ["sft"]
     assert inputs("sft_control", cfg) == ["sft", "grpo"]
-    assert inputs("train_rm", cfg) == ["sft"]
+    assert inputs("train_rm", cfg) == []  # the demo's reward model starts from scratch (pipeline.rm_init=config)
+    assert inputs("train_rm", load_config("pipeline", ["pipeline.rm_init=sft"])) == ["sft"]
     with_rm = load_config("pipeline", section_overrides(["grpo.reward.funcs=[accuracy,model]"]))
     assert inputs("grpo", with_rm) == ["sft", "train_rm"]
 
