@@ -116,9 +116,14 @@ def hidden_states(classifier: nn.Module, input_ids: Tensor, attention_mask: Tens
                                  use_cache=False).last_hidden_state
 
 
+def head_rewards(classifier: nn.Module, hidden: Tensor) -> Tensor:
+    """The score head at every position of hidden states [B, T, H], [B, T] in float32."""
+    return classifier.score(hidden).squeeze(-1).float()
+
+
 def token_rewards(classifier: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     """The score head at every position, [B, T] in float32."""
-    return classifier.score(hidden_states(classifier, input_ids, attention_mask)).squeeze(-1).float()
+    return head_rewards(classifier, hidden_states(classifier, input_ids, attention_mask))
 
 
 def read_scores(rewards: Tensor, batch: Mapping[str, Tensor], score: str) -> Tensor:

@@ -139,7 +139,7 @@ def _decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_ne
             finished |= token == eos_id
         sequences[:, width + t] = token
         steps = t + 1
-        done = bool(finished.all()) if eos_id is not None else False
+        done = bool(finished.all())  # never, without an EOS id
         if (_all_done(done, device) if synced_gpus else done) or t + 1 == max_new_tokens:
             break
         out = model(input_ids=token[:, None], attention_mask=mask[:, :width + t + 1], position_ids=next_position,
@@ -158,15 +158,10 @@ def _chooser(params: SamplingParams, seeds: Sequence[int] | None):
     from the warped distribution."""
     if params.greedy or params.temperature <= 0:
         return _greedy
-    if seeds is not None:
-        processors = _processors(params, seeds)
+    processors = _processors(params, seeds)
+    if seeds is not None:  # the processors end with SeededSampling's noise: the draw is their argmax
         return lambda sequences, logits: processors(sequences, logits).argmax(-1)
-    processors = _processors(params, None)
-
-    def draw(sequences: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        return torch.multinomial(torch.softmax(processors(sequences, logits), dim=-1), 1).squeeze(1)
-
-    return draw
+    return lambda sequences, logits: torch.multinomial(torch.softmax(processors(sequences, logits), -1), 1).squeeze(1)
 
 
 @torch.no_grad()

@@ -32,6 +32,7 @@ from rlhf.rewards.model import (
     collate_preferences,
     encode_preference,
     has_token_head,
+    head_rewards,
     hidden_states,
     list_scores,
     read_scores,
@@ -94,6 +95,11 @@ def list_losses(algo: Any, scores: torch.Tensor, batch: dict[str, torch.Tensor],
     return losses
 
 
+def chosen_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[N, T-1] mask of the next-token targets chosen_lm_loss counts: each list's best response."""
+    return batch["response_mask"][batch["slots"][:, 0], 1:]
+
+
 def chosen_lm_loss(classifier, hidden: torch.Tensor, batch: dict[str, torch.Tensor],
                    num_tokens: float) -> torch.Tensor:
     """Next-token NLL of each list's best response given its prompt, with the input embeddings as output head
@@ -101,7 +107,7 @@ def chosen_lm_loss(classifier, hidden: torch.Tensor, batch: dict[str, torch.Tens
     number of such tokens."""
     best = batch["slots"][:, 0]
     logits = torch.nn.functional.linear(hidden[best], classifier.get_input_embeddings().weight)
-    return sft_loss(logits, batch["input_ids"][best], batch["response_mask"][best, 1:], num_tokens)
+    return sft_loss(logits, batch["input_ids"][best], chosen_targets(batch), num_tokens)
 
 
 def preference_sums(scores: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
@@ -221,8 +227,7 @@ class RewardModelTrainer(Trainer):
         lm_coef = self.lm_coef
         lm_tokens = 1.0
         if lm_coef:
-            lm_tokens = max(dist.all_reduce_sum({"n": sum(float(b["response_mask"][b["slots"][:, 0], 1:].sum())
-                                                             for b in batches)})["n"], 1.0)
+            lm_tokens = max(dist.all_reduce_sum({"n": sum(float(chosen_targets(b).sum()) for b in batches)})["n"], 1.0)
         sums: dict[str, float] = {"loss": 0.0, "lm_loss": 0.0}
         grad_norm = None
         for batch in batches:
@@ -230,7 +235,7 @@ class RewardModelTrainer(Trainer):
             module = self.engine.module
             if lm_coef:
                 hidden = hidden_states(module, batch["input_ids"], batch["attention_mask"])
-                flat = read_scores(module.score(hidden).squeeze(-1).float(), batch, self.score)
+                flat = read_scores(head_rewards(module, hidden), batch, self.score)
                 lm_loss = chosen_lm_loss(module, hidden, batch, lm_tokens)
             else:
                 flat, lm_loss = sequence_scores(module, batch, self.score), torch.zeros(())

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from rlhf.data.tokenize import collate_prompts
 from rlhf.rollout.generation import SamplingParams, _processors, generate, response_lengths, sample_seeds
 from tests.unit.rollout.test_experience import tiny
 
@@ -11,14 +12,12 @@ PROMPTS = ("12+3=", "7+8=", "100+250=", "7+8=", "1+1=", "7+8=", "12+3=")  # repe
 
 def reference(model, tok, prompts, params, seeds):
     """transformers' own generate, cut at each row's first EOS."""
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    batch = collate_prompts(prompts, tok.pad_token_id)
     kwargs = {"do_sample": False}
     if seeds is not None:
         kwargs["logits_processor"] = _processors(params, seeds)
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=params.max_new_tokens,
-                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **kwargs)[:, width:]
+    out = model.generate(**batch, max_new_tokens=params.max_new_tokens, pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id, **kwargs)[:, batch["input_ids"].shape[1]:]
     lengths, _ = response_lengths(out, tok.eos_token_id)
     return [row[:n].tolist() for row, n in zip(out, lengths)]
 
