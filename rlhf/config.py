@@ -148,7 +148,7 @@ class TrainerConfig:
     grad_accum: int = 1
     """Micro-batches accumulated per optimizer step."""
     group_by_length: bool = True
-    """Sort each step's rows by length before cutting micro-batches, so they carry less padding."""
+    """Sort each step's rows by length before cutting micro-batches, so they carry less padding; train-rm also runs each micro-batch's responses in up to 4 passes of similar length (not under ZeRO-3)."""
     eval_every: int = 50
     """Evaluate on the held-out set every N steps (0 = only at the end)."""
     save_every: int = 50
@@ -279,6 +279,10 @@ class RLTrainerConfig(TrainerConfig):
 
     prompts_per_step: int = 16
     """Prompts per step over all processes (each sampled algo.group_size times in GRPO, algo.samples_per_prompt in PPO)."""
+    shared_prefix: bool = True
+    """Run a prompt that several samples of a micro-batch share (a GRPO group) once in the log-prob passes and the
+    update, its keys and values reused by each sample: the same numbers for less work. Off under ZeRO-3 (every
+    forward is a collective there, and ranks could differ in how many they run) and with gradient checkpointing."""
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import typing
 
 from rlhf.config import STAGE_SCHEMAS, StageConfig, field_docs, group_options
@@ -31,23 +32,30 @@ def _type_name(kind: object) -> str:
     return "any" if kind is typing.Any else getattr(kind, "__name__", str(kind))
 
 
-def _section(cls: type, prefix: str, out: list[str]) -> None:
+def _cell(text: str) -> str:
+    """A docstring as one table cell: a line break would end the markdown row."""
+    return " ".join(text.split())
+
+
+def _section(cls: type, prefix: str, out: list[str], skip: frozenset[str] = frozenset()) -> None:
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     nested = []
     rows = []
     for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
         kind = hints[f.name]
         if dataclasses.is_dataclass(kind):
             nested.append((kind, f"{prefix}{f.name}."))
             continue
         type_name = _type_name(kind)
-        rows.append(f"| `{prefix}{f.name}` | {type_name} | `{_default(f)}` | {docs.get(f.name, '')} |")
+        rows.append(f"| `{prefix}{f.name}` | {type_name} | `{_default(f)}` | {_cell(docs.get(f.name, ''))} |")
     if rows:
         title = prefix.rstrip(".") or "top level"
         out += [f"### `{title}`", ""]
         if cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "("):
-            out += [cls.__doc__.strip(), ""]
+            out += [inspect.cleandoc(cls.__doc__), ""]
         out += ["| key | type | default | meaning |", "| --- | --- | --- | --- |", *rows, ""]
     for kind, sub in nested:
         _section(kind, sub, out)
@@ -62,15 +70,22 @@ def render() -> str:
     out += [f"| `{g}` | {', '.join(f'`{o}`' for o in opts)} |" for g, opts in group_options().items()]
     out += ["", "## Keys shared by every stage", ""]
     _section(StageConfig, "", out)
+    shared = typing.get_type_hints(StageConfig)
     for stage, schema in STAGE_SCHEMAS.items():
-        own = [f for f in dataclasses.fields(schema) if f.name not in {g.name for g in dataclasses.fields(StageConfig)}]
-        if own:
+        hints = typing.get_type_hints(schema)
+        own = [f for f in dataclasses.fields(schema) if f.name not in shared]
+        # A shared group a stage extends (the RL stages' trainer): the keys it adds, under the shared name.
+        extended = [f for f in dataclasses.fields(schema) if f.name in shared and hints[f.name] is not shared[f.name]]
+        if own or extended:
             out += [f"## `rlhf {stage.replace('_', '-')}`", ""]
-            hints, docs = typing.get_type_hints(schema), field_docs(schema)
+            docs = field_docs(schema)
+            for f in extended:
+                base = {g.name for g in dataclasses.fields(shared[f.name])}
+                _section(hints[f.name], f"{f.name}.", out, frozenset(base))
             plain = [f for f in own if not dataclasses.is_dataclass(hints[f.name])]
             if plain:
                 out += ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
-                out += [f"| `{f.name}` | {_type_name(hints[f.name])} | `{_default(f)}` | {docs.get(f.name, '')} |"
+                out += [f"| `{f.name}` | {_type_name(hints[f.name])} | `{_default(f)}` | {_cell(docs.get(f.name, ''))} |"
                         for f in plain]
                 out.append("")
             for f in own:

@@ -45,6 +45,7 @@ class Workload:
     group: int = 8  # GRPO samples per prompt
     prompt_len: int = 16
     response_len: int = 32  # SFT / RM response tokens (EOS added), RL max_new_tokens
+    response_len_min: int = 0  # > 0: each SFT / RM response's length uniform in [response_len_min, response_len]
     steps: int = 6
     warmup: int = 1  # first steps left out of the averages (lazy initialisation, allocator growth)
     dtype: str = "fp32"  # or bf16 (mixed precision in both implementations)
@@ -60,6 +61,11 @@ class Workload:
     @property
     def micro(self) -> int:
         return min(self.batch, self.samples)
+
+    @property
+    def supervised_response_len(self) -> float:
+        """Mean SFT / RM response tokens, EOS included."""
+        return (self.response_len + (self.response_len_min or self.response_len)) / 2 + 1
 
 
 # ---- model FLOPs ----------------------------------------------------------------------------------------------
@@ -79,16 +85,17 @@ def forward_flops(params: int, layers: int, hidden: int, seq_len: float) -> floa
 
 
 def step_flops(stage: str, w: Workload, vocab: int, response_len: float) -> dict[str, float]:
-    """Model FLOPs of one step by phase; response_len: the mean generated length (RL) or the response length."""
+    """Model FLOPs of one step by phase (padding not counted); response_len: the mean generated length (RL) or
+    the mean response length with its EOS (SFT, RM)."""
     lm, rm = matmul_params(w, vocab), matmul_params(w, 1)
 
     def fwd(params: int, n: float) -> float:
         return forward_flops(params, w.num_layers, w.hidden_size, n)
 
     if stage == "sft":
-        return {"train": 3 * w.batch * fwd(lm, w.prompt_len + w.response_len + 1)}
+        return {"train": 3 * w.batch * fwd(lm, w.prompt_len + response_len)}
     if stage == "train-rm":  # chosen and rejected each go through the model
-        return {"train": 3 * 2 * w.batch * fwd(rm, w.prompt_len + w.response_len + 1)}
+        return {"train": 3 * 2 * w.batch * fwd(rm, w.prompt_len + response_len)}
     seq, n = w.prompt_len + response_len, w.samples
     reference = n * fwd(lm, seq) if w.kl_coef else 0.0
     if stage == "grpo":  # one pass per step: the old log-probs are the current ones, not recomputed
@@ -131,14 +138,16 @@ def sync(device: str) -> None:
 
 # ---- inputs: one model directory, one data set per kind ---------------------------------------------------------
 def synthetic_rows(n: int, w: Workload) -> dict[str, list[dict]]:
-    """Rows of exact lengths: prompts `0...47+38=` of prompt_len characters (answer 85, for the accuracy reward) and
-    responses of response_len random digits; what the responses say does not matter to a throughput benchmark."""
+    """Prompts `0...47+38=` of prompt_len characters (answer 85, for the accuracy reward) and responses of
+    response_len random digits, or of a length uniform in [response_len_min, response_len] drawn for each response
+    (chosen and rejected alike); what the responses say does not matter to a throughput benchmark."""
     if w.prompt_len < 6:
         raise SystemExit(f"--prompt-len {w.prompt_len}: prompts need at least 6 characters (`47+38=`)")
     rng = random.Random(w.seed)
 
     def digits() -> str:
-        return "".join(rng.choice("0123456789") for _ in range(w.response_len))
+        length = rng.randint(w.response_len_min, w.response_len) if w.response_len_min else w.response_len
+        return "".join(rng.choice("0123456789") for _ in range(length))
 
     kinds: dict[str, list[dict]] = {"sft": [], "prefs": [], "prompts": []}
     for _ in range(n):
@@ -187,8 +196,8 @@ def our_command(stage: str, w: Workload, inputs: dict[str, Any], run_dir: Path) 
             f"eval.max_new_tokens={r}", "logger.progress=false"]
     if stage in ("sft", "train-rm"):
         args += [f"trainer.micro_batch_size={w.batch}", "trainer.grad_accum=1"]
-    if stage == "train-rm":
-        args += [f"algo.stats_rows={EVAL_ROWS}"]
+    if stage == "train-rm":  # TRL's reward loss only: no language-modelling regulariser
+        args += [f"algo.stats_rows={EVAL_ROWS}", "algo.lm_coef=0"]
     if stage in RL_STAGES:
         args += [f"trainer.micro_batch_size={w.micro}", f"rollout.max_new_tokens={r}",
                  f"rollout.batch_size={w.samples}"]
@@ -250,7 +259,8 @@ def summarise(stage: str, impl: str, rows: list[dict[str, Any]], w: Workload, vo
         generated, trained = samples * response, samples * seq
     else:
         phase_s["train"] = step_s  # a supervised step is all training
-        response, seq = w.response_len + 1, w.prompt_len + w.response_len + 1
+        response = w.supervised_response_len
+        seq = w.prompt_len + response
         samples, generated = w.batch, 0.0
         trained = w.batch * seq * (2 if stage == "train-rm" else 1)
     phase_s["other"] = max(step_s - sum(phase_s.values()), 0.0)
@@ -462,9 +472,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     w = Workload(**{f.name: getattr(args, f.name) for f in fields(Workload)})
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = set(stages) - set(STAGES)
-    if unknown or w.dtype not in ("fp32", "bf16") or w.samples % w.micro:
-        raise SystemExit(f"bad arguments: stages must be among {STAGES}, dtype fp32 or bf16, and the RL samples "
-                         f"(prompts x group = {w.samples}) a multiple of min(batch, samples) = {w.micro}")
+    if unknown or w.dtype not in ("fp32", "bf16") or w.samples % w.micro or w.response_len_min > w.response_len:
+        raise SystemExit(f"bad arguments: stages must be among {STAGES}, dtype fp32 or bf16, the RL samples "
+                         f"(prompts x group = {w.samples}) a multiple of min(batch, samples) = {w.micro}, and "
+                         f"--response-len-min at most --response-len")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     out = Path(args.out or Path("outputs/bench") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
     out.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 
@@ -106,3 +107,43 @@ def collate_prompts(prompts: Sequence[Sequence[int]], pad_id: int) -> dict[str, 
     """Left-padded prompts for generation: every row's last prompt token sits in the last column."""
     return {"input_ids": pad(prompts, pad_id, side="left"),
             "attention_mask": pad([[1] * len(p) for p in prompts], 0, side="left")}
+
+
+BUCKET_OVERHEAD_TOKENS = 64
+"""What one more forward pass costs, in padded tokens' worth of work: a split into length buckets is taken only
+where it saves more padding than that. Measured for the embedded model's forward and backward on CPU: time is
+about proportional to tokens, with a fixed cost per pass below 64 tokens' worth."""
+
+
+def length_buckets(extents: Sequence[int], max_buckets: int = 4,
+                   overhead: int = BUCKET_OVERHEAD_TOKENS) -> list[tuple[list[int], int]]:
+    """Split rows of a right-padded batch into at most `max_buckets` groups of similar length, each to run as its
+    own forward pass padded only to its own longest row: (row indices, that length) per group, longest first.
+
+    `extents[i]` is how far row i's real tokens reach. The split minimises padded tokens plus `overhead` per
+    group (an exact dynamic programme over the rows sorted by extent: the best groups are runs of that order),
+    so a batch of rows of equal length stays one group.
+    """
+    order = sorted(range(len(extents)), key=lambda i: -extents[i])
+    n = len(order)
+    if n == 0:
+        return []
+    longest = np.array([extents[i] for i in order], dtype=np.float64)
+    starts = np.arange(n)
+    # best[k, j]: least cost of the first j sorted rows in k groups; a group of rows i..j-1 costs (j - i) times its
+    # longest (its first row) plus the overhead.
+    best = np.full((max_buckets + 1, n + 1), np.inf)
+    cut = np.zeros((max_buckets + 1, n + 1), dtype=np.int64)
+    best[0, 0] = 0.0
+    for k in range(1, max_buckets + 1):
+        for j in range(1, n + 1):
+            costs = best[k - 1, :j] + (j - starts[:j]) * longest[:j] + overhead
+            cut[k, j] = int(costs.argmin())
+            best[k, j] = costs[cut[k, j]]
+    k = int(best[1:, n].argmin()) + 1
+    groups, j = [], n
+    while j > 0:
+        i = int(cut[k, j])
+        groups.append((order[i:j], extents[order[i]]))
+        j, k = i, k - 1
+    return groups[::-1]

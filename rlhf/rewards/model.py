@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from rlhf.algos.reward_model import dense_scores, last_token_index
 from rlhf.config import DataConfig
-from rlhf.data.tokenize import encode_prompt, encode_response, pad, render_prompt
+from rlhf.data.tokenize import encode_prompt, encode_response, length_buckets, pad, render_prompt
 from rlhf.errors import ConfigError, RewardError
 from rlhf.rewards.rules import completion_text
 
@@ -108,12 +108,34 @@ def check_score(score: str, classifier: nn.Module) -> None:
                           "classifier with its own pooling head) cannot give; use algo.score=last_token")
 
 
-def hidden_states(classifier: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+def hidden_states(classifier: nn.Module, input_ids: Tensor, attention_mask: Tensor, max_buckets: int = 1) -> Tensor:
     """The backbone's last hidden states [B, T, H]. Position ids follow the attention mask, so a row scores the
-    same under left padding, right padding or none."""
+    same under left padding, right padding or none.
+
+    With max_buckets > 1 the rows run in up to that many forward passes of rows of similar length, each cut to its
+    own longest row (`length_buckets`), where that saves padded work. Padding positions hold no meaningful state
+    either way (0 where a pass stopped short of the batch's width).
+    Every pass is a collective under ZeRO-3, where ranks would disagree on their number: keep 1 there."""
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-    return classifier.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                 use_cache=False).last_hidden_state
+
+    def forward(rows, length: int) -> Tensor:
+        return classifier.base_model(input_ids=input_ids[rows, :length], attention_mask=attention_mask[rows, :length],
+                                     position_ids=position_ids[rows, :length], use_cache=False).last_hidden_state
+
+    buckets = []
+    if max_buckets > 1:
+        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        buckets = length_buckets((torch.where(attention_mask != 0, positions, -1).amax(-1) + 1).tolist(), max_buckets)
+    if len(buckets) <= 1:
+        return forward(slice(None), attention_mask.shape[1])
+    out = None
+    for rows, length in buckets:
+        index = torch.tensor(rows, device=input_ids.device)
+        hidden = forward(index, length)
+        if out is None:
+            out = hidden.new_zeros(*input_ids.shape, hidden.shape[-1])
+        out = out.index_copy(0, index, nn.functional.pad(hidden, (0, 0, 0, input_ids.shape[1] - length)))
+    return out
 
 
 def head_rewards(classifier: nn.Module, hidden: Tensor) -> Tensor:

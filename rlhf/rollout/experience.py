@@ -12,11 +12,12 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+from transformers import DynamicCache
 
 from rlhf.algos.kl import exact_kl
 from rlhf.algos.logprobs import entropy_from_logits, token_logprobs
 from rlhf.data.tokenize import pad
-from rlhf.rollout.generation import response_lengths
+from rlhf.rollout.generation import cache_kwarg, distinct_rows, response_lengths
 
 
 @dataclass
@@ -80,19 +81,38 @@ def position_ids(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
-def _response_logits(model, exp: Experience) -> Tensor:
+def _response_logits(model, exp: Experience, shared_prefix: bool = False) -> Tensor:
+    """The logits that predict each response token, [B, R, V]: one forward over [prompt | response].
+
+    With shared_prefix, rows whose prompts are the same (a GRPO group) share one forward of that prompt: its
+    keys and values are indexed out to every row of the group (a differentiable copy, so the prompt's gradient
+    is the sum of its rows'), then the responses run over them. Same logits, G - 1 fewer prompt passes per group."""
     width = exp.sequences.shape[1] - exp.prompt_width
-    out = model(input_ids=exp.sequences, attention_mask=exp.attention_mask,
-                position_ids=position_ids(exp.attention_mask), logits_to_keep=width + 1, use_cache=False)
+    positions = position_ids(exp.attention_mask)
+    if shared_prefix:
+        p = exp.prompt_width
+        holders, owner = distinct_rows(exp.sequences[:, :p], exp.attention_mask[:, :p])
+        if len(holders) < len(exp):
+            key = cache_kwarg(model)
+            cache = DynamicCache(config=getattr(model, "module", model).config)
+            prompt = model(input_ids=exp.sequences[holders, :p], attention_mask=exp.attention_mask[holders, :p],
+                           position_ids=positions[holders, :p], logits_to_keep=1, use_cache=True, **{key: cache})
+            cache.batch_select_indices(owner)
+            response = model(input_ids=exp.sequences[:, p:], attention_mask=exp.attention_mask,
+                             position_ids=positions[:, p:], use_cache=True, **{key: cache})
+            return torch.cat([prompt.logits[owner], response.logits[:, :-1]], dim=1)
+    out = model(input_ids=exp.sequences, attention_mask=exp.attention_mask, position_ids=positions,
+                logits_to_keep=width + 1, use_cache=False)
     return out.logits[:, :-1]
 
 
-def response_logprobs(model, exp: Experience, temperature: float = 1.0, with_entropy: bool = False):
+def response_logprobs(model, exp: Experience, temperature: float = 1.0, with_entropy: bool = False,
+                      shared_prefix: bool = False):
     """log pi(y_t | x, y_<t) for every response column [B, R] (and the entropy there if asked).
 
     Only the logits that predict response tokens are computed (`logits_to_keep`), and the log-softmax is
-    taken in chunks, so no [B, T, vocab] float32 tensor is held."""
-    logits = _response_logits(model, exp)
+    taken in chunks, so no [B, T, vocab] float32 tensor is held. shared_prefix: see _response_logits."""
+    logits = _response_logits(model, exp, shared_prefix)
     targets = exp.sequences[:, exp.prompt_width:]
     logprobs = token_logprobs(logits, targets, temperature=temperature)
     if not with_entropy:
@@ -111,9 +131,11 @@ def _in_micro_batches(fn, model, exp: Experience, micro_batch_size: int, **kwarg
     return parts
 
 
-def batched_logprobs(model, exp: Experience, micro_batch_size: int, temperature: float = 1.0) -> Tensor:
+def batched_logprobs(model, exp: Experience, micro_batch_size: int, temperature: float = 1.0,
+                     shared_prefix: bool = False) -> Tensor:
     """response_logprobs in micro-batches without gradient (old and reference log-probs)."""
-    parts = _in_micro_batches(response_logprobs, model, exp, micro_batch_size, temperature=temperature)
+    parts = _in_micro_batches(response_logprobs, model, exp, micro_batch_size, temperature=temperature,
+                              shared_prefix=shared_prefix)
     return torch.cat([p[0] for p in parts])
 
 def response_kl(model, reference, exp: Experience) -> Tensor:

@@ -84,9 +84,26 @@ def _processors(params: SamplingParams, seeds: Sequence[int] | None) -> LogitsPr
     return LogitsProcessorList([*warpers] + ([] if seeds is None else [SeededSampling(seeds)]))
 
 
-def _cache_kwarg(model) -> str:
-    """transformers renamed `past_key_values` to `cache` in 5.x; models with their own code may use either."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+def cache_kwarg(model) -> str:
+    """transformers renamed `past_key_values` to `cache` in 5.x; models with their own code may use either (a
+    DeepSpeed engine is asked about the model it wraps)."""
+    forward = getattr(model, "module", model).forward
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def distinct_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(holders, owner): the index of one row holding each distinct (ids, mask) row, in order of first appearance,
+    and for every row which of those it equals, so that rows[holders][owner] == rows."""
+    distinct: dict[tuple[int, ...], int] = {}
+    holders: list[int] = []
+    owner: list[int] = []
+    for i, row in enumerate(torch.cat([input_ids, attention_mask], dim=1).tolist()):
+        if tuple(row) not in distinct:
+            distinct[tuple(row)] = len(holders)
+            holders.append(i)
+        owner.append(distinct[tuple(row)])
+    device = input_ids.device
+    return torch.tensor(holders, device=device, dtype=torch.long), torch.tensor(owner, device=device, dtype=torch.long)
 
 
 def _all_done(done: bool, device: torch.device) -> bool:
@@ -107,26 +124,18 @@ def _decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_ne
     keys and values are copied to the group's rows."""
     batch, width = input_ids.shape
     device = input_ids.device
-    distinct: dict[tuple[int, ...], int] = {}
-    holders: list[int] = []  # one row holding each distinct prompt
-    owner: list[int] = []  # which distinct prompt each row holds
-    for i, row in enumerate(torch.cat([input_ids, attention_mask], dim=1).tolist()):
-        if tuple(row) not in distinct:
-            distinct[tuple(row)] = len(holders)
-            holders.append(i)
-        owner.append(distinct[tuple(row)])
-    keep, owner_ids = torch.tensor(holders, device=device), torch.tensor(owner, device=device)
+    keep, owner_ids = distinct_rows(input_ids, attention_mask)
     sequences = torch.full((batch, width + max_new_tokens), pad_id, dtype=input_ids.dtype, device=device)
     sequences[:, :width] = input_ids
     mask = torch.ones((batch, width + max_new_tokens), dtype=attention_mask.dtype, device=device)
     mask[:, :width] = attention_mask
     position = attention_mask.long().cumsum(-1) - 1
     cache = DynamicCache(config=model.config)
-    key = _cache_kwarg(model)
+    key = cache_kwarg(model)
     out = model(input_ids=input_ids[keep], attention_mask=attention_mask[keep],
                 position_ids=position[keep].clamp_min(0), use_cache=True, logits_to_keep=1, **{key: cache})
     logits = out.logits[:, -1].float()
-    if len(holders) < batch:
+    if len(keep) < batch:
         cache.batch_select_indices(owner_ids)
         logits = logits[owner_ids]
     next_position = position[:, -1:] + 1

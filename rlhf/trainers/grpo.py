@@ -98,10 +98,10 @@ class GRPOTrainer(RLTrainer):
         with timed(sums, "logprob_s"):
             if self.reference is not None:
                 exp.ref_logprobs = batched_logprobs(self.reference, exp, cfg.trainer.micro_batch_size,
-                                                    cfg.rollout.temperature)
+                                                    cfg.rollout.temperature, self.shared_prefix)
             if self.passes > 1:  # with one pass the old policy is the current one: ratio 1, nothing to compute
                 exp.old_logprobs = batched_logprobs(self.engine.module, exp, cfg.trainer.micro_batch_size,
-                                                    cfg.rollout.temperature)
+                                                    cfg.rollout.temperature, self.shared_prefix)
         grad_norm = None
         with timed(sums, "train_s"):
             for batch, mask, counts, _ in self.update_batches(exp, loss_mask):

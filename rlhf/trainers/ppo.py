@@ -104,10 +104,12 @@ class PPOTrainer(RLTrainer):
             scores = whiten(scores, shift_mean=False, reduce=dist.batch_reducer())
         mask = exp.action_mask
         with timed(sums, "logprob_s"):
-            exp.old_logprobs = batched_logprobs(self.engine.module, exp, mb, cfg.rollout.temperature)
+            exp.old_logprobs = batched_logprobs(self.engine.module, exp, mb, cfg.rollout.temperature,
+                                                self.shared_prefix)
             exp.values, last_values = batched_values(self.critic.module, exp, mb)
             if self.reference is not None:
-                exp.ref_logprobs = batched_logprobs(self.reference, exp, mb, cfg.rollout.temperature)
+                exp.ref_logprobs = batched_logprobs(self.reference, exp, mb, cfg.rollout.temperature,
+                                                    self.shared_prefix)
         kl = torch.zeros_like(mask)
         if self.reference is not None:
             kl = kl_penalty(exp.old_logprobs, exp.ref_logprobs, a.kl_estimator, mask)

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import torch
 
 from rlhf.algos.reward_model import RM_LOSSES, ranking_accuracy, ranking_centering_loss
-from rlhf.algos.sft import sft_loss
+from rlhf.algos.logprobs import token_logprobs
 from rlhf.data.formats import drop_invalid_preferences
 from rlhf.data.loading import load_rows
 from rlhf.data.sampler import StepSampler
@@ -104,10 +104,13 @@ def chosen_lm_loss(classifier, hidden: torch.Tensor, batch: dict[str, torch.Tens
                    num_tokens: float) -> torch.Tensor:
     """Next-token NLL of each list's best response given its prompt, with the input embeddings as output head
     (tied, as in the causal LM the backbone came from), summed over this micro-batch and divided by the step's
-    number of such tokens."""
+    number of such tokens. Logits are formed at those positions only: never over prompts, rejected responses or
+    padding (with a 150k vocabulary they would dwarf the model's activations)."""
     best = batch["slots"][:, 0]
-    logits = torch.nn.functional.linear(hidden[best], classifier.get_input_embeddings().weight)
-    return sft_loss(logits, batch["input_ids"][best], chosen_targets(batch), num_tokens)
+    counted = chosen_targets(batch) != 0
+    logits = torch.nn.functional.linear(hidden[best][:, :-1][counted], classifier.get_input_embeddings().weight)
+    targets = batch["input_ids"][best][:, 1:][counted]
+    return -token_logprobs(logits[None], targets[None]).sum() / num_tokens
 
 
 def preference_sums(scores: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
@@ -192,6 +195,9 @@ class RewardModelTrainer(Trainer):
         prepare_for_training(model, cfg.model)
         check_score(self.score, model)
         self.lm_coef = self.language_modelling_weight(model)
+        # Chosen and rejected responses of unequal length: each micro-batch runs as a few passes of rows of similar
+        # length, not one padded to its longest (not under ZeRO-3, where every pass is a collective).
+        self.max_buckets = 4 if cfg.trainer.group_by_length and configured_zero_stage(cfg) < 3 else 1
         self.engine = build_engine(model, cfg, self.world)
         self.engines = {"reward_model": self.engine}
 
@@ -233,12 +239,14 @@ class RewardModelTrainer(Trainer):
         for batch in batches:
             batch = self.to_device(batch, self.engine.device)
             module = self.engine.module
-            if lm_coef:
-                hidden = hidden_states(module, batch["input_ids"], batch["attention_mask"])
+            lm_loss = torch.zeros(())
+            if has_token_head(module):
+                hidden = hidden_states(module, batch["input_ids"], batch["attention_mask"], self.max_buckets)
                 flat = read_scores(head_rewards(module, hidden), batch, self.score)
-                lm_loss = chosen_lm_loss(module, hidden, batch, lm_tokens)
+                if lm_coef:
+                    lm_loss = chosen_lm_loss(module, hidden, batch, lm_tokens)
             else:
-                flat, lm_loss = sequence_scores(module, batch, self.score), torch.zeros(())
+                flat = sequence_scores(module, batch, self.score)
             scores = list_scores(flat, batch)
             loss = list_losses(self.cfg.algo, scores, batch, self.use_margin).sum() / self.global_batch
             backward(self.engine, (loss + lm_coef * lm_loss) * scale)

@@ -142,6 +142,8 @@ class RLTrainer(Trainer):
             self._info(f"{' and '.join(frozen)} partitioned over {self.world} process(es) (ZeRO-3 inference engine)")
         r = cfg.rollout
         self.sampling = SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k)
+        self.shared_prefix = (cfg.trainer.shared_prefix and self.zero_stage() < 3
+                              and not cfg.model.gradient_checkpointing)
 
     # ---- experience --------------------------------------------------------------------------------
     def draw(self, count: int, sums: dict[str, float]) -> Samples:
@@ -220,7 +222,8 @@ class RLTrainer(Trainer):
                     ratio_level: str = "token") -> torch.Tensor:
         """The clipped-ratio loss of one micro-batch (plus kl_coef * KL to the reference and the entropy bonus),
         scaled so that the micro-batches of an update add up to its loss; statistics are added to `totals`."""
-        logprobs, entropy = response_logprobs(self.engine, batch, self.cfg.rollout.temperature, with_entropy=True)
+        logprobs, entropy = response_logprobs(self.engine, batch, self.cfg.rollout.temperature, with_entropy=True,
+                                              shared_prefix=self.shared_prefix)
         old = batch.old_logprobs if batch.old_logprobs is not None else logprobs.detach()
         per_token, stats = clipped_policy_loss(logprobs, old, batch.advantages, mask, epsilon, epsilon_high,
                                                dual_clip=dual_clip, ratio_level=ratio_level)

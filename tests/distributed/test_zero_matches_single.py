@@ -37,7 +37,8 @@ ARGS = [
     "grpo.trainer.prompts_per_step=4", "grpo.algo.group_size=2", "grpo.algo.beta=0.04",
     "grpo.reward.funcs=[tests.integration.rewards_for_tests:varied]", "grpo.reward.weights=[1.0]",
     "pipeline.stages=[sft,train_rm,ppo,grpo]", "pipeline.report=false",
-    "train_rm.algo.lm_coef=0",  # ZeRO-3 cannot run it, and one single-process run serves both stages
+    # ZeRO-3 can run neither the LM term nor length buckets, and one single-process run serves both stages
+    "train_rm.algo.lm_coef=0", "train_rm.trainer.group_by_length=false",
 ]
 SINGLE = ["sft.trainer.grad_accum=2", "train_rm.trainer.grad_accum=2"]  # = 2 ranks x 1 micro-batch of 4
 
@@ -71,13 +72,19 @@ def weights(run_dir: Path) -> dict:
     return load_file(next(run_dir.glob("*.safetensors")))
 
 
+# 1 - Var(R - V) / Var(R): near 0 its absolute error is the ratio's relative error (1e-6 to 1e-5 between runs),
+# not a fraction of its own small value.
+ABSOLUTE_TOLERANCE = {"value/explained_variance": 1e-5}
+
+
 def assert_same_run(a: Path, b: Path, stage: str) -> None:
     ma, mb = read_metrics(a), read_metrics(b)
     assert [r["step"] for r in ma] == [r["step"] for r in mb]
     for ra, rb in zip(ma, mb):
         for key, value in ra.items():
             if isinstance(value, float) and not key.startswith(("time/", "perf/")):
-                assert rb[key] == pytest.approx(value, rel=1e-3, abs=1e-6), (stage, ra["step"], key)
+                assert rb[key] == pytest.approx(value, rel=1e-3, abs=ABSOLUTE_TOLERANCE.get(key, 1e-6)), \
+                    (stage, ra["step"], key)
     wa, wb = weights(a / "final"), weights(b / "final")
     assert wa.keys() == wb.keys()
     for name in wa:

@@ -80,6 +80,15 @@ def test_synthetic_rows_have_exact_lengths():
     assert rows["prompts"][0]["answer"] == str(int(a) + int(b))
 
 
+def test_synthetic_rows_spread_in_length():
+    w = bench.Workload(prompt_len=9, response_len=40, response_len_min=8)
+    lengths = [len(r[k]) for r in bench.synthetic_rows(200, w)["prefs"] for k in ("chosen", "rejected")]
+    assert min(lengths) >= 8 and max(lengths) <= 40 and len(set(lengths)) > 20
+    assert w.supervised_response_len == 25
+    assert bench.step_flops("train-rm", w, 64, w.supervised_response_len)["train"] == \
+        bench.step_flops("train-rm", bench.Workload(prompt_len=9, response_len=24), 64, 25)["train"]
+
+
 def test_report_and_ratios(tmp_path):
     ours = {"stage": "grpo", "impl": "ours", "samples_per_s": 4.0, "gen_tokens_per_s": 10.0, "train_tokens_per_s": 8.0,
             "peak_rss_mb": 600.0, "mfu": 0.02, "step_s": 2.0,

@@ -160,8 +160,28 @@ def arithmetic_demonstrations(cfg: Any, split: str, seed: int) -> list[dict]:
     return rows
 
 
+REJECTION_WEIGHTS = {"off_by": 3, "bad_column": 3, "spurious_carry": 1, "miscopy": 1, "unclosed_answer": 1,
+                     "no_think": 1, "carry_drop": 2}
+"""Relative odds of each kind of rejection (carry_drop only on problems that carry). A column added wrong and a
+final answer that does not follow the columns are the hardest for a reward model to see, and the errors a policy
+optimised against it drifts to once its carries are right, so they get the most pairs; the flawed teacher's
+dropped carries (the SFT policy's own mistake) come next; format errors are learned from few pairs."""
+
+
+def _miscopied(a: int, b: int, rng: random.Random) -> tuple[int, int]:
+    """(a, b) with one digit of one operand replaced by another (a leading digit never by 0)."""
+    digits = [list(str(a)), list(str(b))]
+    which = rng.randrange(2)
+    i = rng.randrange(len(digits[which]))
+    low = 1 if i == 0 and len(digits[which]) > 1 else 0
+    digits[which][i] = str(rng.choice([d for d in range(low, 10) if str(d) != digits[which][i]]))
+    return int("".join(digits[0])), int("".join(digits[1]))
+
+
 def _rejection(kind: str, a: int, b: int, steps: list[str], total: str, rng: random.Random) -> str:
     """A flawed completion of `a+b=` of the given kind (see arithmetic_preferences)."""
+    if kind == "miscopy":
+        return solution(*_miscopied(a, b, rng))
     free = [i for i, step in enumerate(steps) if step.count("+") == 1]  # columns no carry reaches
     if kind == "spurious_carry" and not free:
         kind = "bad_column"
@@ -185,13 +205,14 @@ def _rejection(kind: str, a: int, b: int, steps: list[str], total: str, rng: ran
 def arithmetic_preferences(cfg: Any, split: str, seed: int) -> list[dict]:
     """Reward-model pairs {prompt, chosen, rejected, answer}.
 
-    chosen is the correct R1-format solution. rejected is the carry-forgetting solution for half of the
-    problems that carry; otherwise, with equal odds, the right work with an answer a little off (+-1, +-2
+    chosen is the correct R1-format solution. rejected is, at the odds of REJECTION_WEIGHTS, the
+    carry-forgetting solution (on problems that carry), the right work with an answer a little off (+-1, +-2
     or +-10), a column added wrong, a carry added where none was due (the answer following the faulty
-    column in both), the right answer without `</answer>`, or the right answer without a think block.
-    So every rejected fails the accuracy or the format reward, and chosen passes both. The faulty-column
-    kinds make the reward model check each column, not only whether a carry appears: a policy optimised
-    against it otherwise learns to write carries everywhere.
+    column in both), an operand digit copied wrong (the rest right for the miscopied problem), the right
+    answer without `</answer>`, or the right answer without a think block. So every rejected fails the
+    accuracy or the format reward, and chosen passes both. The faulty-column and miscopy kinds make the
+    reward model check each column against the prompt, not only whether a carry appears: a policy optimised
+    against it otherwise learns to write carries everywhere, or to copy a digit wrong and add right.
     """
     rng = random.Random(f"arithmetic/preferences/{split}/{seed}")
     per_problem = max(1, int(getattr(cfg, "pairs_per_problem", 1))) if split == "train" else 1
@@ -199,10 +220,8 @@ def arithmetic_preferences(cfg: Any, split: str, seed: int) -> list[dict]:
     for a, b in _pairs(cfg, split, seed):
         steps, total, carried = _columns(a, b, drop_carries=False)
         chosen = _completion(steps, total)
-        # On carry problems half the rejections are the flawed teacher's: the mistake an SFT policy
-        # copied from it is the one the reward model most needs to recognise.
-        kinds = ["off_by", "bad_column", "spurious_carry", "unclosed_answer", "no_think"] + (
-            ["carry_drop"] * 5 if carried else [])
+        kinds = [kind for kind, weight in REJECTION_WEIGHTS.items() for _ in range(weight)
+                 if carried or kind != "carry_drop"]
         for _ in range(per_problem):
             if not kinds:
                 break

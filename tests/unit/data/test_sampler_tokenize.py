@@ -1,9 +1,12 @@
+import itertools
+import random
+
 import pytest
 from omegaconf import OmegaConf
 
 from rlhf.config import DataConfig
 from rlhf.data.sampler import StepSampler
-from rlhf.data.tokenize import Encoded, collate_lm, collate_prompts, encode_rows, render_prompt
+from rlhf.data.tokenize import Encoded, collate_lm, collate_prompts, encode_rows, length_buckets, render_prompt
 from rlhf.errors import DataError
 from rlhf.models.tokenizer import build_char_tokenizer
 
@@ -81,3 +84,39 @@ def test_a_run_resumed_on_another_process_count_sees_every_row_once():
             positions += list(s.rank_positions(step * batch, batch, rank, world))
     assert positions == list(range(7 * batch))
     assert seen == s.indices(0, 7 * batch)
+
+
+def bucket_cost(groups, overhead):
+    return sum(len(rows) * length + overhead for rows, length in groups)
+
+
+def brute_force_cost(extents, max_buckets, overhead):
+    """Every split of the rows sorted by extent into at most max_buckets runs."""
+    order = sorted(extents, reverse=True)
+    best = float("inf")
+    for k in range(max_buckets):
+        for cuts in itertools.combinations(range(1, len(order)), k):
+            bounds = (0, *cuts, len(order))
+            best = min(best, sum((j - i) * order[i] + overhead for i, j in zip(bounds, bounds[1:])))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_length_buckets_split_rows_at_least_padded_cost(seed):
+    rng = random.Random(seed)
+    extents = [rng.randint(1, 40) for _ in range(rng.randint(1, 9))]
+    overhead, max_buckets = rng.choice([0, 5, 30]), rng.randint(1, 4)
+    groups = length_buckets(extents, max_buckets, overhead)
+    assert sorted(i for rows, _ in groups for i in rows) == list(range(len(extents)))  # every row once
+    assert len(groups) <= max_buckets
+    assert all(length == max(extents[i] for i in rows) for rows, length in groups)
+    assert bucket_cost(groups, overhead) == brute_force_cost(extents, max_buckets, overhead)
+
+
+def test_length_buckets_by_hand():
+    # 4 rows of 60 and 4 of 20: one group pads 8 x 60 = 480 tokens, two pad 4 x 60 + 4 x 20 = 320.
+    assert length_buckets([60, 20, 60, 20, 20, 60, 20, 60], 4, overhead=100) == [([0, 2, 5, 7], 60),
+                                                                                  ([1, 3, 4, 6], 20)]
+    assert length_buckets([60, 20, 60, 20, 20, 60, 20, 60], 4, overhead=200) == [([0, 2, 5, 7, 1, 3, 4, 6], 60)]
+    assert length_buckets([7, 7, 7], 4, overhead=0) == [([0, 1, 2], 7)]
+    assert length_buckets([], 4) == []

@@ -16,6 +16,7 @@ from transformers import (
 )
 
 from rlhf.config import DataConfig, ModelConfig, TinyModelConfig
+from rlhf.data.tokenize import length_buckets
 from rlhf.errors import ConfigError, RewardError
 from rlhf.models import build_char_tokenizer, load_reward_model, load_tokenizer
 from rlhf.rewards.model import (
@@ -27,6 +28,7 @@ from rlhf.rewards.model import (
     collate_preferences,
     collate_sequences,
     encode_preference,
+    hidden_states,
     score_preferences,
     sequence_scores,
     token_rewards,
@@ -199,6 +201,31 @@ def test_scores_do_not_depend_on_batch_size(model_dirs, name):
         one = score_preferences(model, examples, tokenizer.pad_token_id, score, 1, torch.device("cpu"))
         sixteen = score_preferences(model, examples, tokenizer.pad_token_id, score, 16, torch.device("cpu"))
         torch.testing.assert_close(torch.tensor(one), torch.tensor(sixteen), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_hidden_states_in_length_buckets_match_one_pass(model_dirs, name):
+    """Rows run in passes of similar length give each row's real tokens the hidden states of one padded pass,
+    under right and left padding, and the same gradient."""
+    model, tokenizer = load(model_dirs[name])
+    lengths = [3, 30, 4, 28, 5, 31, 2, 29]
+    right = collate_sequences([[5, 6]] * len(lengths), [[7 + i % 9 for i in range(n)] for n in lengths],
+                              tokenizer.pad_token_id)
+    assert len(length_buckets(right["attention_mask"].sum(-1).tolist(), 4)) == 2  # the short rows run apart
+    pads = (right["input_ids"].shape[1] - right["attention_mask"].sum(-1)).tolist()
+    left = {k: torch.stack([v[i].roll(n) for i, n in enumerate(pads)]) for k, v in right.items()}
+    for batch in (right, left):
+        mask = batch["attention_mask"]
+        one = hidden_states(model, batch["input_ids"], mask)
+        bucketed = hidden_states(model, batch["input_ids"], mask, max_buckets=4)
+        real = mask.bool()
+        torch.testing.assert_close(bucketed[real], one[real], atol=1e-5, rtol=1e-4)
+        grads = []
+        for hidden in (one, bucketed):
+            model.zero_grad()
+            (hidden * real[..., None]).square().sum().backward()
+            grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        torch.testing.assert_close(grads[1], grads[0], atol=1e-4, rtol=1e-4)
 
 
 def test_sum_score_is_the_sum_of_response_token_rewards(model_dirs):

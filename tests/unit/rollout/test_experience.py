@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from rlhf.config import TinyModelConfig
@@ -77,3 +78,55 @@ def test_values_are_read_before_each_response_token_and_after_the_last():
     full = critic(torch.tensor([long_p + [20, 21, 22]]), torch.ones(1, 7, dtype=torch.long))[0]
     torch.testing.assert_close(before[0], full[3:6], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(after[0], full[6], atol=1e-5, rtol=1e-5)
+
+
+def grouped_experience(tok, group=3):
+    """Two prompts of different lengths (so one is left-padded), each with `group` responses of varied length."""
+    prompts = [[10, 11, 12, 13]] * group + [[14, 15]] * group
+    responses = [[20 + i % 7 for i in range(n)] for n in (5, 2, 7, 3, 6, 1)[:2 * group]]
+    responses = [r + [tok.eos_token_id] if i % 2 else r for i, r in enumerate(responses)]
+    return build_experience(prompts, responses, tok.pad_token_id, tok.eos_token_id, 8)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_a_shared_prompt_forward_gives_the_same_logprobs_entropy_and_gradient(arch):
+    """A group's prompt run once, its keys and values reused by every response, is the same computation as one
+    forward per row: same log-probs and entropies, and the same parameter gradient (the prompt's is summed)."""
+    tok, model = tiny() if arch == "llama" else small_hf(arch)
+    exp = grouped_experience(tok)
+    model.train()
+    results = []
+    for shared in (False, True):
+        model.zero_grad()
+        logprobs, entropy = response_logprobs(model, exp, with_entropy=True, shared_prefix=shared)
+        ((logprobs * exp.action_mask).sum() + (entropy * exp.action_mask).sum()).backward()
+        grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results.append((logprobs.detach() * exp.action_mask, entropy * exp.action_mask, grad))
+    for one, shared in zip(*results):
+        torch.testing.assert_close(shared, one, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(batched_logprobs(model, exp, 4, shared_prefix=True) * exp.action_mask,
+                                   results[0][0], atol=1e-5, rtol=1e-4)
+
+
+def test_rows_without_a_shared_prompt_take_the_single_forward(monkeypatch):
+    tok, model = tiny()
+    exp = build_experience([[10, 11], [12, 13]], [[20, 21], [22]], tok.pad_token_id, tok.eos_token_id, 4)
+    calls = []
+    monkeypatch.setattr(model, "forward", lambda *a, forward=model.forward, **k: calls.append(k) or forward(*a, **k))
+    response_logprobs(model, exp, shared_prefix=True)
+    assert len(calls) == 1 and calls[0]["use_cache"] is False
+
+
+def small_hf(arch):
+    """A 2-layer Qwen2 (grouped-query attention) or GPT-2 (absolute positions) over the char tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+
+    tok = build_char_tokenizer()
+    torch.manual_seed(0)
+    if arch == "qwen2":
+        return tok, Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                                 num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                                 max_position_embeddings=64))
+    return tok, GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
