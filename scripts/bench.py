@@ -456,6 +456,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                              "other work measurable, where several threads wait on each other's stolen time slices")
     parser.add_argument("--out", default=None, help="output directory (default outputs/bench/<timestamp>)")
     parser.add_argument("--no-trl", action="store_true", help="our stages only")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for our stages (repeatable), e.g. trainer.shared_prefix=false to "
+                             "measure a fast path against its absence; a stage whose config lacks the key fails")
     parser.add_argument("--trl-worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--spec", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -501,7 +504,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             run_dir = out / impl / stage
             run_dir.mkdir(parents=True, exist_ok=True)
             if impl == "ours":
-                argv = our_command(stage, w, inputs, run_dir)
+                argv = our_command(stage, w, inputs, run_dir) + args.override
             else:
                 spec = run_dir / "spec.json"
                 spec.write_text(json.dumps({"workload": asdict(w), "run_dir": str(run_dir), "device": device,
@@ -520,8 +523,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                   f"{100 * child['others_cpu']:.0f}% of the CPUs", flush=True)
             results.append(result)
     report = {"machine": machine(device), "dtype": w.dtype, "versions": versions(),
-              "matmul_peak_flops": peaks, "workload": asdict(w), "note": note, "results": results,
-              "ratios": ratios(results)}
+              "matmul_peak_flops": peaks, "workload": asdict(w), "overrides": args.override, "note": note,
+              "results": results, "ratios": ratios(results)}
     table = write_report(out, report)
     d = report["machine"]
     print(f"\n{d['device_name']} ({device}, threads per process: {d['torch_threads']}), {w.dtype}; "

@@ -55,18 +55,22 @@ def read_metrics(run_dir):
 
 
 def test_dapo_loss_does_not_depend_on_how_the_step_is_split(tmp_path, fast, sft_checkpoint):
-    """One micro-batch of 8 and four of 2 give the same step: the same loss and the same accumulated gradient."""
+    """One micro-batch of 8 and four of 2 give the same step: the same loss and the same accumulated gradient; and
+    so does running every row's prompt on its own (trainer.shared_prefix=false) instead of once per group."""
     runs = {}
-    for micro in (8, 2):
-        run_dir = tmp_path / f"micro{micro}"
+    for name, micro, shared in (("8", 8, True), ("2", 2, True), ("8 unshared", 8, False)):
+        run_dir = tmp_path / f"micro{micro}_{shared}"
         run_cli("grpo", f"run.dir={run_dir}", f"model.name_or_path={sft_checkpoint}", "trainer.max_steps=1",
                 "trainer.eval_every=0", "trainer.prompts_per_step=2", "algo.group_size=4", "rollout.max_new_tokens=12",
                 "algo.loss_type=dapo", "reward.funcs=[tests.integration.rewards_for_tests:varied]", "reward.weights=[1]",
-                *fast, f"trainer.micro_batch_size={micro}")
-        runs[micro] = [r for r in read_metrics(run_dir) if "grad_norm" in r][0]
-    assert runs[8]["reward/mean"] == runs[2]["reward/mean"] and runs[8]["reward/std"] > 0  # the same samples
-    assert runs[8]["loss"] == pytest.approx(runs[2]["loss"], rel=1e-4, abs=1e-6)
-    assert runs[8]["grad_norm"] == pytest.approx(runs[2]["grad_norm"], rel=1e-4)
+                "algo.beta=0.04", *fast, f"trainer.micro_batch_size={micro}", f"trainer.shared_prefix={shared}")
+        runs[name] = [r for r in read_metrics(run_dir) if "grad_norm" in r][0]
+    assert runs["8"]["reward/std"] > 0
+    for other in ("2", "8 unshared"):
+        assert runs["8"]["reward/mean"] == runs[other]["reward/mean"]  # the same samples
+        for key in ("loss", "kl/k3", "entropy"):
+            assert runs["8"][key] == pytest.approx(runs[other][key], rel=1e-4, abs=1e-6), (other, key)
+        assert runs["8"]["grad_norm"] == pytest.approx(runs[other]["grad_norm"], rel=1e-4), other
 
 
 def test_grpo_on_a_local_file_in_gsm8k_layout(tmp_path, fast, sft_checkpoint):
