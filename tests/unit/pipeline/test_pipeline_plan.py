@@ -29,7 +29,7 @@ def test_pipeline_config_keeps_stage_sections():
     cfg = load_config("pipeline", section_overrides(["grpo.trainer.max_steps=5", "ppo.algo.kl_coef=0.1"]))
     assert flatten(OmegaConf.to_container(cfg.grpo))["trainer.max_steps"] == 5
     assert flatten(OmegaConf.to_container(cfg.ppo))["algo.kl_coef"] == 0.1
-    assert flatten(OmegaConf.to_container(cfg.ppo))["trainer.max_steps"] == 100  # conf/pipeline.yaml's default kept
+    assert flatten(OmegaConf.to_container(cfg.grpo))["trainer.eval_every"] == 35  # conf/pipeline.yaml's value kept
 
 
 def test_stage_inputs_follow_the_recipe():
