@@ -124,8 +124,7 @@ def hidden_states(classifier: nn.Module, input_ids: Tensor, attention_mask: Tens
 
     buckets = []
     if max_buckets > 1:
-        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-        buckets = length_buckets((torch.where(attention_mask != 0, positions, -1).amax(-1) + 1).tolist(), max_buckets)
+        buckets = length_buckets((last_token_index(attention_mask) + 1).tolist(), max_buckets)
     if len(buckets) <= 1:
         return forward(slice(None), attention_mask.shape[1])
     out = None
