@@ -268,7 +268,18 @@ class SFTConfig(StageConfig):
 
 
 @dataclass
+class RewardTrainerConfig(TrainerConfig):
+    """Trainer keys of train-rm."""
+
+    shared_prefix: bool = True
+    """Run each preference row's prompt once for all of its responses (chosen and rejected), its keys and values
+    reused by each: the same scores and gradients for less work. Off under ZeRO-3 (every forward is a collective
+    there), with gradient checkpointing and for encoder classifiers."""
+
+
+@dataclass
 class TrainRMConfig(StageConfig):
+    trainer: RewardTrainerConfig = field(default_factory=RewardTrainerConfig)
     algo: RewardModelAlgoConfig = field(default_factory=RewardModelAlgoConfig)
 
 

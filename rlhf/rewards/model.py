@@ -24,6 +24,7 @@ from rlhf.algos.reward_model import dense_scores, last_token_index
 from rlhf.config import DataConfig
 from rlhf.data.tokenize import encode_prompt, encode_response, length_buckets, pad, render_prompt
 from rlhf.errors import ConfigError, RewardError
+from rlhf.models.prefix import distinct_rows, run_continuation, run_prefix, selected_cache
 from rlhf.rewards.rules import completion_text
 
 INFO_FILE = "reward_model.json"
@@ -74,9 +75,23 @@ def collate_sequences(prompts: Sequence[Sequence[int]], responses: Sequence[Sequ
             "response_mask": pad([[0] * len(p) + [1] * len(r) for p, r in zip(prompts, responses)], 0)}
 
 
-def collate_preferences(batch: Sequence[Preference], pad_id: int) -> dict[str, Tensor]:
+def collate_prompt_first(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
+                         pad_id: int) -> dict[str, Tensor]:
+    """Rows laid out as [prompt, left-padded | response, right-padded]: every response starts at column
+    `prompt_width`, so rows with the same prompt can share one pass of it (hidden_states' prompt_width)."""
+    prompt_ids, response_ids = pad(prompts, pad_id, side="left"), pad(responses, pad_id)
+    prompt_mask = pad([[1] * len(p) for p in prompts], 0, side="left")
+    response_mask = pad([[1] * len(r) for r in responses], 0)
+    return {"input_ids": torch.cat([prompt_ids, response_ids], dim=1),
+            "attention_mask": torch.cat([prompt_mask, response_mask], dim=1),
+            "response_mask": torch.cat([torch.zeros_like(prompt_mask), response_mask], dim=1),
+            "prompt_width": torch.tensor(prompt_ids.shape[1])}
+
+
+def collate_preferences(batch: Sequence[Preference], pad_id: int, prompt_first: bool = False) -> dict[str, Tensor]:
     """Every response of every list in one batch of sequences (one forward pass for chosen and rejected alike),
-    plus `slots` [N, K]: which sequence holds list n's k-th response, `list_mask` [N, K] and `margin` [N]."""
+    plus `slots` [N, K]: which sequence holds list n's k-th response, `list_mask` [N, K] and `margin` [N].
+    Right-padded rows, or with prompt_first the layout of collate_prompt_first."""
     width = max(len(p.response_ids) for p in batch)
     prompts, responses, slots = [], [], []
     for p in batch:
@@ -86,7 +101,7 @@ def collate_preferences(batch: Sequence[Preference], pad_id: int) -> dict[str, T
             prompts.append(p.prompt_ids)
             responses.append(response)
         slots.append(row + [-1] * (width - len(row)))
-    out = collate_sequences(prompts, responses, pad_id)
+    out = (collate_prompt_first if prompt_first else collate_sequences)(prompts, responses, pad_id)
     out["slots"] = torch.tensor(slots, dtype=torch.long)
     out["list_mask"] = out["slots"] >= 0
     out["margin"] = torch.tensor([p.margin for p in batch], dtype=torch.float32)
@@ -108,33 +123,48 @@ def check_score(score: str, classifier: nn.Module) -> None:
                           "classifier with its own pooling head) cannot give; use algo.score=last_token")
 
 
-def hidden_states(classifier: nn.Module, input_ids: Tensor, attention_mask: Tensor, max_buckets: int = 1) -> Tensor:
+def hidden_states(classifier: nn.Module, input_ids: Tensor, attention_mask: Tensor, max_buckets: int = 1,
+                  prompt_width: int = 0) -> Tensor:
     """The backbone's last hidden states [B, T, H]. Position ids follow the attention mask, so a row scores the
     same under left padding, right padding or none.
 
     With max_buckets > 1 the rows run in up to that many forward passes of rows of similar length, each cut to its
-    own longest row (`length_buckets`), where that saves padded work. Padding positions hold no meaningful state
-    either way (0 where a pass stopped short of the batch's width).
-    Every pass is a collective under ZeRO-3, where ranks would disagree on their number: keep 1 there."""
+    own longest row (`length_buckets`), where that saves padded work. With prompt_width > 0 (rows laid out by
+    collate_prompt_first) each distinct prompt runs once, its keys and values shared by the rows that continue it
+    (a preference's chosen and rejected responses), and only the responses run in those passes. Padding positions
+    hold no meaningful state either way (0 where a pass stopped short of the batch's width).
+    Every pass is a collective under ZeRO-3, where ranks would disagree on their number: keep 1 and 0 there."""
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    backbone, p = classifier.base_model, prompt_width
+    if p:
+        holders, owner = distinct_rows(input_ids[:, :p], attention_mask[:, :p])
+        prompt, cache = run_prefix(backbone, input_ids[holders, :p], attention_mask[holders, :p],
+                                   position_ids[holders, :p])
 
     def forward(rows, length: int) -> Tensor:
-        return classifier.base_model(input_ids=input_ids[rows, :length], attention_mask=attention_mask[rows, :length],
-                                     position_ids=position_ids[rows, :length], use_cache=False).last_hidden_state
+        if not p:
+            return backbone(input_ids=input_ids[rows, :length], attention_mask=attention_mask[rows, :length],
+                            position_ids=position_ids[rows, :length], use_cache=False).last_hidden_state
+        rows = torch.arange(len(input_ids), device=input_ids.device)[rows]
+        return run_continuation(backbone, selected_cache(cache, owner[rows], backbone.config),
+                                input_ids[rows, p:p + length], attention_mask[rows, :p + length],
+                                position_ids[rows, p:p + length]).last_hidden_state
 
+    width = input_ids.shape[1] - p
     buckets = []
     if max_buckets > 1:
-        buckets = length_buckets((last_token_index(attention_mask) + 1).tolist(), max_buckets)
+        buckets = length_buckets((last_token_index(attention_mask) + 1 - p).tolist(), max_buckets)
     if len(buckets) <= 1:
-        return forward(slice(None), attention_mask.shape[1])
-    out = None
-    for rows, length in buckets:
-        index = torch.tensor(rows, device=input_ids.device)
-        hidden = forward(index, length)
-        if out is None:
-            out = hidden.new_zeros(*input_ids.shape, hidden.shape[-1])
-        out = out.index_copy(0, index, nn.functional.pad(hidden, (0, 0, 0, input_ids.shape[1] - length)))
-    return out
+        out = forward(slice(None), width)
+    else:
+        out = None
+        for rows, length in buckets:
+            index = torch.tensor(rows, device=input_ids.device)
+            hidden = forward(index, length)
+            if out is None:
+                out = hidden.new_zeros(len(input_ids), width, hidden.shape[-1])
+            out = out.index_copy(0, index, nn.functional.pad(hidden, (0, 0, 0, width - length)))
+    return torch.cat([prompt.last_hidden_state[owner], out], dim=1) if p else out
 
 
 def head_rewards(classifier: nn.Module, hidden: Tensor) -> Tensor:

@@ -12,12 +12,12 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
-from transformers import DynamicCache
 
 from rlhf.algos.kl import exact_kl
 from rlhf.algos.logprobs import entropy_from_logits, token_logprobs
 from rlhf.data.tokenize import pad
-from rlhf.rollout.generation import cache_kwarg, distinct_rows, response_lengths
+from rlhf.models.prefix import distinct_rows, run_continuation, run_prefix
+from rlhf.rollout.generation import response_lengths
 
 
 @dataclass
@@ -93,13 +93,10 @@ def _response_logits(model, exp: Experience, shared_prefix: bool = False) -> Ten
         p = exp.prompt_width
         holders, owner = distinct_rows(exp.sequences[:, :p], exp.attention_mask[:, :p])
         if len(holders) < len(exp):
-            key = cache_kwarg(model)
-            cache = DynamicCache(config=getattr(model, "module", model).config)
-            prompt = model(input_ids=exp.sequences[holders, :p], attention_mask=exp.attention_mask[holders, :p],
-                           position_ids=positions[holders, :p], logits_to_keep=1, use_cache=True, **{key: cache})
+            prompt, cache = run_prefix(model, exp.sequences[holders, :p], exp.attention_mask[holders, :p],
+                                       positions[holders, :p], logits_to_keep=1)
             cache.batch_select_indices(owner)
-            response = model(input_ids=exp.sequences[:, p:], attention_mask=exp.attention_mask,
-                             position_ids=positions[:, p:], use_cache=True, **{key: cache})
+            response = run_continuation(model, cache, exp.sequences[:, p:], exp.attention_mask, positions[:, p:])
             return torch.cat([prompt.logits[owner], response.logits[:, :-1]], dim=1)
     out = model(input_ids=exp.sequences, attention_mask=exp.attention_mask, position_ids=positions,
                 logits_to_keep=width + 1, use_cache=False)

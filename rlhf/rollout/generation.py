@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
-from transformers import DynamicCache
 from transformers.generation.logits_process import (LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper,
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
 from rlhf.data.tokenize import collate_prompts
+from rlhf.models.prefix import distinct_rows, run_continuation, run_prefix
 
 _M32 = 0xFFFFFFFF
 
@@ -84,28 +83,6 @@ def _processors(params: SamplingParams, seeds: Sequence[int] | None) -> LogitsPr
     return LogitsProcessorList([*warpers] + ([] if seeds is None else [SeededSampling(seeds)]))
 
 
-def cache_kwarg(model) -> str:
-    """transformers renamed `past_key_values` to `cache` in 5.x; models with their own code may use either (a
-    DeepSpeed engine is asked about the model it wraps)."""
-    forward = getattr(model, "module", model).forward
-    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
-
-
-def distinct_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(holders, owner): the index of one row holding each distinct (ids, mask) row, in order of first appearance,
-    and for every row which of those it equals, so that rows[holders][owner] == rows."""
-    distinct: dict[tuple[int, ...], int] = {}
-    holders: list[int] = []
-    owner: list[int] = []
-    for i, row in enumerate(torch.cat([input_ids, attention_mask], dim=1).tolist()):
-        if tuple(row) not in distinct:
-            distinct[tuple(row)] = len(holders)
-            holders.append(i)
-        owner.append(distinct[tuple(row)])
-    device = input_ids.device
-    return torch.tensor(holders, device=device, dtype=torch.long), torch.tensor(owner, device=device, dtype=torch.long)
-
-
 def _all_done(done: bool, device: torch.device) -> bool:
     """Whether every rank has finished (ZeRO-3: a rank that stops early would leave the others' gathers hanging)."""
     flag = torch.tensor([0.0 if done else 1.0], device=device)
@@ -130,10 +107,8 @@ def _decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_ne
     mask = torch.ones((batch, width + max_new_tokens), dtype=attention_mask.dtype, device=device)
     mask[:, :width] = attention_mask
     position = attention_mask.long().cumsum(-1) - 1
-    cache = DynamicCache(config=model.config)
-    key = cache_kwarg(model)
-    out = model(input_ids=input_ids[keep], attention_mask=attention_mask[keep],
-                position_ids=position[keep].clamp_min(0), use_cache=True, logits_to_keep=1, **{key: cache})
+    out, cache = run_prefix(model, input_ids[keep], attention_mask[keep], position[keep].clamp_min(0),
+                            logits_to_keep=1)
     logits = out.logits[:, -1].float()
     if len(keep) < batch:
         cache.batch_select_indices(owner_ids)
@@ -151,8 +126,7 @@ def _decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_ne
         done = bool(finished.all())  # never, without an EOS id
         if (_all_done(done, device) if synced_gpus else done) or t + 1 == max_new_tokens:
             break
-        out = model(input_ids=token[:, None], attention_mask=mask[:, :width + t + 1], position_ids=next_position,
-                    use_cache=True, **{key: cache})
+        out = run_continuation(model, cache, token[:, None], mask[:, :width + t + 1], next_position)
         logits = out.logits[:, -1].float()
         next_position = next_position + 1
     return sequences[:, width:width + steps]

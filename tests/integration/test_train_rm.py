@@ -111,6 +111,24 @@ def test_ranked_lists_listwise_with_per_token_sum_score(tmp_path):
     assert scored["score"] == "sum" and scored["rows"] == 20 and "ranking_accuracy" in scored
 
 
+def test_a_prompt_run_once_for_its_responses_trains_the_same_step(tmp_path):
+    """trainer.shared_prefix (on by default) runs each row's prompt once for all of its responses: the step's loss,
+    language-modelling loss, accuracy and gradient norm are those of one pass per response."""
+    rows = [{"prompt": f"{'what is ' * (a % 3)}{a}+1=", "responses": [str(a + 1), str(a + 2) * (1 + a % 4), "?"][: 2 + a % 2]}
+            for a in range(20)]
+    data = write_jsonl(tmp_path / "ranked.jsonl", rows)
+    steps = {}
+    for shared in (True, False):
+        run_dir = tmp_path / f"shared_{shared}"
+        run_cli("train-rm", f"run.dir={run_dir}", "data=local", f"data.path={data}", "data.eval_size=4",
+                "algo.score=sum", "trainer.max_steps=1", "trainer.eval_every=0", f"trainer.shared_prefix={shared}",
+                *TINY)
+        steps[shared] = [r for r in read_metrics(run_dir) if "grad_norm" in r][0]
+    assert steps[True]["lm_loss"] > 0
+    for key in ("loss", "lm_loss", "grad_norm", "train/pairwise_accuracy", "train/margin"):
+        assert steps[True][key] == pytest.approx(steps[False][key], rel=1e-4, abs=1e-6), key
+
+
 def test_hh_rlhf_conversations_with_margins(tmp_path):
     rows = [{"chosen": f"\n\nHuman: {a}+1?\n\nAssistant: {a + 1}", "rejected": f"\n\nHuman: {a}+1?\n\nAssistant: no",
              "margin": 0.5} for a in range(16)]

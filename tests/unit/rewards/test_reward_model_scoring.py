@@ -28,7 +28,9 @@ from rlhf.rewards.model import (
     collate_preferences,
     collate_sequences,
     encode_preference,
+    head_rewards,
     hidden_states,
+    read_scores,
     score_preferences,
     sequence_scores,
     token_rewards,
@@ -226,6 +228,38 @@ def test_hidden_states_in_length_buckets_match_one_pass(model_dirs, name):
             (hidden * real[..., None]).square().sum().backward()
             grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
         torch.testing.assert_close(grads[1], grads[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gpt2"])
+def test_a_shared_prompt_run_once_gives_the_scores_and_gradients_of_one_pass_per_row(model_dirs, name):
+    """Preference lists laid out prompt first, each prompt run once for all of its responses (in length buckets or
+    not), give every real token the hidden state of the plain right-padded pass, so the same scores (last token and
+    summed), and the same gradient."""
+    model, tokenizer = load(model_dirs[name])
+    examples = [Preference([5 + i % 7 for i in range(n)], [[9] * a, [10] * b, [11] * c][:2 + n % 2])
+                for n, a, b, c in ((3, 20, 2, 9), (9, 4, 30, 5), (1, 25, 3, 3), (6, 2, 2, 7))]
+    plain = collate_preferences(examples, tokenizer.pad_token_id)
+    first = collate_preferences(examples, tokenizer.pad_token_id, prompt_first=True)
+    width = int(first["prompt_width"])
+    assert width == 9 and torch.equal(first["slots"], plain["slots"])
+    # where each row's real tokens sit in the two layouts
+    real_plain, real_first = plain["attention_mask"].bool(), first["attention_mask"].bool()
+    assert torch.equal(plain["input_ids"][real_plain], first["input_ids"][real_first])
+    one = hidden_states(model, plain["input_ids"], plain["attention_mask"])
+    for buckets in (1, 4):
+        shared = hidden_states(model, first["input_ids"], first["attention_mask"], buckets, prompt_width=width)
+        assert shared.shape[:2] == first["input_ids"].shape
+        torch.testing.assert_close(shared[real_first], one[real_plain], atol=1e-5, rtol=1e-4)
+        for score in ("last_token", "sum"):
+            torch.testing.assert_close(read_scores(head_rewards(model, shared), first, score),
+                                       read_scores(head_rewards(model, one), plain, score), atol=1e-5, rtol=1e-4)
+    grads = []
+    for batch, kwargs in ((plain, {}), (first, {"max_buckets": 4, "prompt_width": width})):
+        model.zero_grad()
+        hidden = hidden_states(model, batch["input_ids"], batch["attention_mask"], **kwargs)
+        (hidden * batch["attention_mask"][..., None]).square().sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-4, rtol=1e-4)
 
 
 def test_sum_score_is_the_sum_of_response_token_rewards(model_dirs):
