@@ -123,6 +123,42 @@ def matmul_peak(device: str, dtype: str, size: Optional[int] = None, repeats: in
     return 2 * size ** 3 / best
 
 
+def model_rates(model_dir: str, w: Workload, vocab: int, device: str, repeats: int = 5) -> dict[str, float]:
+    """FLOP/s of the workload's model in a plain Hugging Face forward pass without gradient, and in a forward and
+    backward pass, over one micro-batch of prompt + response tokens: the rates each stage's floor is counted at."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).to(device)
+    length = w.prompt_len + w.response_len
+    ids = torch.randint(vocab, (w.micro, length), device=device)
+    flops = w.micro * forward_flops(matmul_params(w, vocab), w.num_layers, w.hidden_size, length)
+    autocast = torch.autocast(device, dtype=torch_dtype(w.dtype), enabled=w.dtype != "fp32")
+
+    def best(work) -> float:
+        fastest = float("inf")
+        for _ in range(repeats + 1):  # the first one warms up
+            sync(device)
+            began = time.perf_counter()
+            work()
+            sync(device)
+            fastest = min(fastest, time.perf_counter() - began)
+        return fastest
+
+    with autocast:
+        with torch.no_grad():
+            forward = best(lambda: model(input_ids=ids).logits)
+        train = best(lambda: model(input_ids=ids, labels=ids).loss.backward())
+    return {"forward": flops / forward, "train": 3 * flops / train}
+
+
+def floor_s(flops: dict[str, float], rates: dict[str, float]) -> float:
+    """A step's floor: each phase's model FLOPs at the rate a plain batched pass reaches on this machine (training
+    at the forward-and-backward rate; generation, log-prob and value passes at the forward rate, as if decoding
+    token by token cost no more than one pass over the whole sequence)."""
+    return sum(f / (rates["train"] if phase == "train" else rates["forward"]) for phase, f in flops.items())
+
+
 def torch_dtype(name: str):
     import torch
 
@@ -244,8 +280,9 @@ def step_rows(metrics_path: Path) -> list[dict[str, Any]]:
 
 # ---- summary ------------------------------------------------------------------------------------------------
 def summarise(stage: str, impl: str, rows: list[dict[str, Any]], w: Workload, vocab: int,
-              peak_flops: float) -> dict[str, Any]:
-    """Per-step means over the steps after the warm-up: throughput, phase seconds, FLOPs and MFU."""
+              peak_flops: float, rates: Optional[dict[str, float]] = None) -> dict[str, Any]:
+    """Per-step means over the steps after the warm-up: throughput, phase seconds, FLOPs, MFU and, given the
+    measured model rates, the step's floor."""
     timed = rows[w.warmup:] or rows
 
     def mean(key: str) -> float:
@@ -265,7 +302,9 @@ def summarise(stage: str, impl: str, rows: list[dict[str, Any]], w: Workload, vo
         trained = w.batch * seq * (2 if stage == "train-rm" else 1)
     phase_s["other"] = max(step_s - sum(phase_s.values()), 0.0)
     flops = step_flops(stage, w, vocab, response)
-    return {"stage": stage, "impl": impl, "steps_timed": len(timed), "step_s": step_s, "phase_s": phase_s,
+    floor = floor_s(flops, rates) if rates else None
+    return {"floor_s": floor, "step_over_floor": step_s / floor if floor else None,
+            "stage": stage, "impl": impl, "steps_timed": len(timed), "step_s": step_s, "phase_s": phase_s,
             "samples_per_s": samples / step_s,
             "gen_tokens_per_s": generated / phase_s["generate"] if phase_s["generate"] else None,
             "train_tokens_per_s": trained / phase_s["train"] if phase_s["train"] else None,
@@ -300,7 +339,7 @@ def fmt(value: Any, digits: int = 3) -> str:
 def render_table(results: list[dict[str, Any]], ratio: dict[str, dict[str, float]]) -> str:
     """Markdown tables: one row per stage and implementation, then ours / TRL."""
     head = ["stage", "impl", "samples/s", "gen tok/s", "train tok/s", "s/step", "generate s", "logprob s",
-            "reward s", "train s", "peak RSS MiB", "MFU %", "others' CPU %"]
+            "reward s", "train s", "floor s", "x floor", "peak RSS MiB", "MFU %", "others' CPU %"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in results:
         if "error" in r:
@@ -309,7 +348,7 @@ def render_table(results: list[dict[str, Any]], ratio: dict[str, dict[str, float
         p = r["phase_s"]
         cells = [r["stage"], r["impl"], fmt(r["samples_per_s"]), fmt(r["gen_tokens_per_s"]),
                  fmt(r["train_tokens_per_s"]), fmt(r["step_s"]), *(fmt(p[k]) for k in PHASES),
-                 fmt(r.get("peak_rss_mb"), 4), fmt(100 * r["mfu"], 2), fmt(100 * r.get("others_cpu", 0.0), 2)]
+                 fmt(r.get("floor_s")), fmt(r.get("step_over_floor")), fmt(r.get("peak_rss_mb"), 4), fmt(100 * r["mfu"], 2), fmt(100 * r.get("others_cpu", 0.0), 2)]
         lines.append("| " + " | ".join(cells) + " |")
     if ratio:
         lines += ["", "| stage | " + " | ".join(f"{k} ours/TRL" for k in RATIO_KEYS) + " |",
@@ -497,6 +536,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         peaks[w.dtype] = matmul_peak(device, w.dtype)
     print(f"matmul peak on {device}: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peaks.items()), flush=True)
     inputs = write_inputs(out, w)
+    rates = model_rates(inputs["model"], w, inputs["vocab"], device)
+    print(f"model rates: forward {rates['forward'] / 1e9:.1f}, forward+backward {rates['train'] / 1e9:.1f} GFLOP/s",
+          flush=True)
     results = []
     for stage in stages:
         impls = ["ours"] + (["trl"] if with_trl and stage in TRL_STAGES else [])
@@ -517,13 +559,13 @@ def main(argv: Optional[list[str]] = None) -> None:
                 result = {"stage": stage, "impl": impl,
                           "error": f"exit code {child['exit_code']}, see {run_dir / 'log.txt'}"}
             else:
-                result = summarise(stage, impl, rows, w, inputs["vocab"], peaks[w.dtype])
+                result = summarise(stage, impl, rows, w, inputs["vocab"], peaks[w.dtype], rates)
             result.update(child, run_dir=str(run_dir))
             print(result.get("error") or f"{child['wall_s']:.0f}s, other processes took "
                   f"{100 * child['others_cpu']:.0f}% of the CPUs", flush=True)
             results.append(result)
     report = {"machine": machine(device), "dtype": w.dtype, "versions": versions(),
-              "matmul_peak_flops": peaks, "workload": asdict(w), "overrides": args.override, "note": note,
+              "matmul_peak_flops": peaks, "model_rates_flops": rates, "workload": asdict(w), "overrides": args.override, "note": note,
               "results": results, "ratios": ratios(results)}
     table = write_report(out, report)
     d = report["machine"]

@@ -8,6 +8,7 @@ continuations run over it. Every position gets the numbers one forward per row w
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
@@ -19,8 +20,13 @@ from transformers import DynamicCache
 def cache_kwarg(model) -> str:
     """transformers renamed `past_key_values` to `cache` in 5.x; models with their own code may use either (a
     DeepSpeed engine is asked about the model it wraps)."""
-    forward = getattr(model, "module", model).forward
-    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+    return _cache_kwarg(type(getattr(model, "module", model)))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg(model_class: type) -> str:
+    # Looked up once per class: inspect.signature on every decode step cost about 3% of generation.
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def distinct_rows(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:

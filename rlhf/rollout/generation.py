@@ -141,10 +141,17 @@ def _chooser(params: SamplingParams, seeds: Sequence[int] | None):
     from the warped distribution."""
     if params.greedy or params.temperature <= 0:
         return _greedy
-    processors = _processors(params, seeds)
+    processors = list(_processors(params, seeds))
+
+    def warp(sequences: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        # Each processor called directly: LogitsProcessorList inspects every processor's signature at every step.
+        for processor in processors:
+            logits = processor(sequences, logits)
+        return logits
+
     if seeds is not None:  # the processors end with SeededSampling's noise: the draw is their argmax
-        return lambda sequences, logits: processors(sequences, logits).argmax(-1)
-    return lambda sequences, logits: torch.multinomial(torch.softmax(processors(sequences, logits), -1), 1).squeeze(1)
+        return lambda sequences, logits: warp(sequences, logits).argmax(-1)
+    return lambda sequences, logits: torch.multinomial(torch.softmax(warp(sequences, logits), -1), 1).squeeze(1)
 
 
 @torch.no_grad()

@@ -61,6 +61,25 @@ def test_summary_leaves_out_the_warm_up_and_splits_the_step():
     assert r["mfu"] == pytest.approx(sum(flops.values()) / 2.0 / 1e9)
     sft = bench.summarise("sft", "trl", [{"time/step_s": 0.5}], w, VOCAB, peak_flops=1e9)
     assert sft["phase_s"]["train"] == 0.5 and sft["gen_tokens_per_s"] is None
+    assert r["floor_s"] is None and r["step_over_floor"] is None
+
+
+def test_floor_counts_training_at_its_own_rate_and_every_other_phase_at_the_forward_rate():
+    flops = {"generate": 3e9, "logprob": 1e9, "train": 12e9}
+    assert bench.floor_s(flops, {"forward": 2e9, "train": 4e9}) == 3 / 2 + 1 / 2 + 12 / 4
+    w = bench.Workload(prompts=2, group=4, prompt_len=6, warmup=0)
+    rows = [{"time/step_s": 2.0, "time/generate_s": 1.0, "time/train_s": 0.5, "response/length_mean": 4.0}]
+    r = bench.summarise("grpo", "ours", rows, w, VOCAB, peak_flops=1e9, rates={"forward": 1e9, "train": 1e9})
+    assert r["floor_s"] == pytest.approx(sum(bench.step_flops("grpo", w, VOCAB, 4.0).values()) / 1e9)
+    assert r["step_over_floor"] == pytest.approx(2.0 / r["floor_s"])
+
+
+def test_model_rates_of_a_saved_model(tmp_path):
+    w = bench.Workload(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, batch=2, prompts=1, group=2,
+                       prompt_len=6, response_len=4, steps=1)
+    inputs = bench.write_inputs(tmp_path, w)
+    rates = bench.model_rates(inputs["model"], w, inputs["vocab"], "cpu", repeats=1)
+    assert rates["forward"] > 0 and rates["train"] > 0
 
 
 def test_step_rows_skip_evaluation_rows(tmp_path):
