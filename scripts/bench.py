@@ -51,6 +51,7 @@ class Workload:
     dtype: str = "fp32"  # or bf16 (mixed precision in both implementations)
     lr: float = 1e-4
     kl_coef: float = 0.02  # GRPO beta and PPO kl_coef: both load and run a frozen reference
+    vocab_size: int = 0  # above the tokenizer's 104: the model's embedding and output head padded to this many rows
     seed: int = 0
 
     @property
@@ -207,14 +208,18 @@ def write_inputs(out: Path, w: Workload) -> dict[str, Any]:
     cfg = ModelConfig(tiny=arch)
     tokenizer = load_tokenizer(cfg)
     model_dir = out / "model"
-    save_pretrained(load_policy(cfg, tokenizer, w.seed), tokenizer, model_dir)
+    model = load_policy(cfg, tokenizer, w.seed)
+    if w.vocab_size > len(tokenizer):  # a hub model's vocabulary size, to see what memory and time do with it
+        model.resize_token_embeddings(w.vocab_size)
+    save_pretrained(model, tokenizer, model_dir)
     rows = max(w.steps * w.batch, w.steps * w.samples) + EVAL_ROWS
     paths = {}
     for kind, data in synthetic_rows(rows, w).items():
         paths[kind] = out / "data" / f"{kind}.jsonl"
         paths[kind].parent.mkdir(parents=True, exist_ok=True)
         paths[kind].write_text("".join(json.dumps(r) + "\n" for r in data))
-    return {"model": str(model_dir), "vocab": len(tokenizer), **{k: str(p) for k, p in paths.items()}}
+    vocab = max(len(tokenizer), model.get_input_embeddings().num_embeddings)  # what the stages load: grown to fit
+    return {"model": str(model_dir), "vocab": vocab, **{k: str(p) for k, p in paths.items()}}
 
 
 

@@ -80,6 +80,18 @@ def test_model_rates_of_a_saved_model(tmp_path):
     inputs = bench.write_inputs(tmp_path, w)
     rates = bench.model_rates(inputs["model"], w, inputs["vocab"], "cpu", repeats=1)
     assert rates["forward"] > 0 and rates["train"] > 0
+    from transformers import AutoTokenizer
+
+    assert inputs["vocab"] == len(AutoTokenizer.from_pretrained(inputs["model"]))  # no padding asked for
+
+
+def test_vocab_size_pads_the_model_beyond_the_tokenizer(tmp_path):
+    from transformers import AutoConfig
+
+    w = bench.Workload(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, batch=2, prompts=1, group=2,
+                       prompt_len=6, response_len=4, steps=1, vocab_size=1000)
+    inputs = bench.write_inputs(tmp_path, w)
+    assert inputs["vocab"] == 1000 == AutoConfig.from_pretrained(inputs["model"]).vocab_size
 
 
 def test_step_rows_skip_evaluation_rows(tmp_path):
