@@ -61,13 +61,15 @@ class SeededSampling(LogitsProcessor):
     def __init__(self, seeds: Sequence[int]):
         self.seeds = torch.tensor([s & _M32 for s in seeds], dtype=torch.int64)[:, None]
         self.start: int | None = None
+        self.rows: torch.Tensor | None = None  # which of the seeds' rows the scores hold (None: all of them)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if self.start is None:  # the first decode step: the prompt width, and the device the seeds live on
             self.start = input_ids.shape[1]
             self.seeds = self.seeds.to(scores.device)
         step = input_ids.shape[1] - self.start
-        row = _fmix32((self.seeds + step * 0x9E3779B9) & _M32)
+        seeds = self.seeds if self.rows is None else self.seeds[self.rows]
+        row = _fmix32((seeds + step * 0x9E3779B9) & _M32)
         token = torch.arange(scores.shape[-1], device=scores.device, dtype=torch.int64)
         bits = _fmix32(row ^ ((token * 0x27D4EB2F + 0x165667B1) & _M32)) >> 8
         uniform = (bits.float() + 0.5) / 2.0 ** 24  # in (0, 1): the noise below is always finite
@@ -90,15 +92,21 @@ def _all_done(done: bool, device: torch.device) -> bool:
     return flag.item() == 0.0
 
 
+COMPACT_AT = 0.75
+"""The decode batch drops its finished rows once no more than this share of them is still running: a step's cost
+falls with its rows, and one copy of the cache per drop is cheap beside the steps it saves."""
+
+
 @torch.no_grad()
 def _decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, choose,
             pad_id: int, eos_id: int | None, synced_gpus: bool) -> torch.Tensor:
     """Sampled tokens [B, <= max_new_tokens] after left-padded prompts, with a KV cache; rows past their EOS hold
     pad_id, and decoding stops when every row has ended (on every rank, with synced_gpus).
 
-    A lean loop in place of `model.generate`: per token it runs the model once and `choose(sequences, logits)`,
-    and nothing else. Rows with the same prompt (a GRPO group) share one prefill: the prompt is run once and its
-    keys and values are copied to the group's rows."""
+    A lean loop in place of `model.generate`: per token it runs the model once and `choose(sequences, logits,
+    rows)`, and nothing else. Rows with the same prompt (a GRPO group) share one prefill: the prompt is run once
+    and its keys and values are copied to the group's rows. Rows that have ended leave the batch (COMPACT_AT);
+    `rows` says which rows of `sequences` the batch still holds."""
     batch, width = input_ids.shape
     device = input_ids.device
     keep, owner_ids = distinct_rows(input_ids, attention_mask)
@@ -114,25 +122,30 @@ def _decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_ne
         cache.batch_select_indices(owner_ids)
         logits = logits[owner_ids]
     next_position = position[:, -1:] + 1
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    rows = torch.arange(batch, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)  # over the batch's rows
     steps = 0
     for t in range(max_new_tokens):
-        token = choose(sequences[:, :width + t], logits)
+        token = choose(sequences[rows, :width + t], logits, rows)
         if eos_id is not None:
             token = torch.where(finished, torch.full_like(token, pad_id), token)
             finished |= token == eos_id
-        sequences[:, width + t] = token
+        sequences[rows, width + t] = token
         steps = t + 1
-        done = bool(finished.all())  # never, without an EOS id
-        if (_all_done(done, device) if synced_gpus else done) or t + 1 == max_new_tokens:
+        running = int((~finished).sum())
+        if (_all_done(running == 0, device) if synced_gpus else running == 0) or t + 1 == max_new_tokens:
             break
-        out = run_continuation(model, cache, token[:, None], mask[:, :width + t + 1], next_position)
+        if 0 < running <= COMPACT_AT * len(rows):  # never to no rows: under synced_gpus the forwards go on
+            live = (~finished).nonzero().squeeze(1)
+            cache.batch_select_indices(live)
+            rows, token, next_position, finished = rows[live], token[live], next_position[live], finished[live]
+        out = run_continuation(model, cache, token[:, None], mask[rows, :width + t + 1], next_position)
         logits = out.logits[:, -1].float()
         next_position = next_position + 1
     return sequences[:, width:width + steps]
 
 
-def _greedy(_: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+def _greedy(_: torch.Tensor, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return logits.argmax(-1)
 
 
@@ -143,15 +156,18 @@ def _chooser(params: SamplingParams, seeds: Sequence[int] | None):
         return _greedy
     processors = list(_processors(params, seeds))
 
-    def warp(sequences: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    def warp(sequences: torch.Tensor, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         # Each processor called directly: LogitsProcessorList inspects every processor's signature at every step.
         for processor in processors:
+            if isinstance(processor, SeededSampling):
+                processor.rows = rows
             logits = processor(sequences, logits)
         return logits
 
     if seeds is not None:  # the processors end with SeededSampling's noise: the draw is their argmax
-        return lambda sequences, logits: warp(sequences, logits).argmax(-1)
-    return lambda sequences, logits: torch.multinomial(torch.softmax(warp(sequences, logits), -1), 1).squeeze(1)
+        return lambda sequences, logits, rows: warp(sequences, logits, rows).argmax(-1)
+    return lambda sequences, logits, rows: torch.multinomial(torch.softmax(warp(sequences, logits, rows), -1),
+                                                             1).squeeze(1)
 
 
 @torch.no_grad()

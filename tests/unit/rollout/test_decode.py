@@ -46,3 +46,27 @@ def test_stops_when_every_row_has_ended():
         model.lm_head.bias.data[tok.eos_token_id] = 1e4
     out = generate(model, [tok("1+1=")["input_ids"]] * 3, tok.pad_token_id, tok.eos_token_id, eos_first, 8)
     assert out == [[tok.eos_token_id]] * 3 and len(calls) == 1
+
+
+@pytest.mark.parametrize("params", [SamplingParams(max_new_tokens=16, temperature=1.0),
+                                    SamplingParams(max_new_tokens=16, temperature=0.9, top_k=20, top_p=0.95)],
+                         ids=["seeded", "seeded-top-k-top-p"])
+def test_rows_that_have_ended_leave_the_batch_and_the_samples_stay_the_same(params):
+    """Once a quarter of the batch has ended, the ended rows stop running (fewer rows per decode step), and every
+    row still gets what transformers' generate gives it: its seeded noise follows it out of the batch."""
+    tok, model = tiny()
+    model.eval()
+    with torch.no_grad():  # EOS about as likely as the next best token: rows end at many different steps
+        model.lm_head.bias = torch.nn.Parameter(torch.zeros(model.config.vocab_size))
+        model.lm_head.bias.data[tok.eos_token_id] = 2.0
+    prompts = [tok(f"{a}+{b}=")["input_ids"] for a, b in ((12, 3), (7, 8), (100, 250), (1, 1), (45, 45), (9, 99))] * 3
+    seeds = sample_seeds(0, range(len(prompts)), 1)
+    rows = []
+    hook = model.register_forward_hook(lambda _, args, kwargs, out: rows.append(kwargs["input_ids"].shape[0]),
+                                       with_kwargs=True)
+    ours = generate(model, prompts, tok.pad_token_id, tok.eos_token_id, params, len(prompts), seeds=seeds)
+    hook.remove()
+    lengths = {len(r) for r in ours}
+    assert len(lengths) > 2  # rows did end at different steps
+    assert min(rows[1:]) < len(prompts)  # and the batch shrank as they did
+    assert ours == reference(model, tok, prompts, params, seeds)
