@@ -53,27 +53,41 @@ def _fmix32(x: torch.Tensor) -> torch.Tensor:
 
 
 class SeededSampling(LogitsProcessor):
-    """Sampling as greedy decoding of noisy logits: argmax(logits + Gumbel noise) is a draw from softmax(logits)
-    (the Gumbel-max trick). Row i's noise at decode step t is a hash of (seed_i, t, token id), so what a row samples
-    depends on its seed and its own logits only: not on the rows beside it, the batch size, the padding or the
-    number of processes. That is what lets N processes (or a run resumed on M) sample what one process would."""
+    """Sampling by inverse transform with one uniform number per row and decode step: the token at which the
+    cumulative softmax(logits) first passes u, with u a 53-bit hash of (seed_i, t). What a row samples depends on
+    its seed and its own logits only: not on the rows beside it, the batch size, the padding or the number of
+    processes. That is what lets N processes (or a run resumed on M) sample what one process would.
+
+    As a logits processor it returns 0 at the drawn token and -inf elsewhere, so the draw is the argmax (greedy
+    decoding in transformers' generate samples the same). One hash per row, not one per vocabulary entry (the
+    Gumbel-max form this replaced hashed B x V numbers a step: with a 32k vocabulary that was most of generation)."""
 
     def __init__(self, seeds: Sequence[int]):
         self.seeds = torch.tensor([s & _M32 for s in seeds], dtype=torch.int64)[:, None]
         self.start: int | None = None
         self.rows: torch.Tensor | None = None  # which of the seeds' rows the scores hold (None: all of them)
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    def uniform(self, step: int) -> torch.Tensor:
+        """u in (0, 1) for each row at decode step `step`, [B, 1] float64 with 53 random bits."""
+        seeds = self.seeds if self.rows is None else self.seeds[self.rows]
+        x = _fmix32((seeds + step * 0x9E3779B9) & _M32)
+        high, low = _fmix32(x ^ 0x27D4EB2F) >> 5, _fmix32(x ^ 0x165667B1) >> 6  # 27 and 26 bits
+        return ((high * 2 ** 26 + low).double() + 0.5) / 2.0 ** 53
+
+    def draw(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """The drawn token of every row, [B]."""
         if self.start is None:  # the first decode step: the prompt width, and the device the seeds live on
             self.start = input_ids.shape[1]
             self.seeds = self.seeds.to(scores.device)
-        step = input_ids.shape[1] - self.start
-        seeds = self.seeds if self.rows is None else self.seeds[self.rows]
-        row = _fmix32((seeds + step * 0x9E3779B9) & _M32)
-        token = torch.arange(scores.shape[-1], device=scores.device, dtype=torch.int64)
-        bits = _fmix32(row ^ ((token * 0x27D4EB2F + 0x165667B1) & _M32)) >> 8
-        uniform = (bits.float() + 0.5) / 2.0 ** 24  # in (0, 1): the noise below is always finite
-        return scores.float() - torch.log(-torch.log(uniform))
+        # float64 sums: a float32 running sum over a 150k vocabulary drifts by more than the tail's probabilities
+        cumulative = torch.softmax(scores.float(), -1).cumsum(-1, dtype=torch.float64)
+        u = self.uniform(input_ids.shape[1] - self.start) * cumulative[:, -1:]  # rounding: the total may miss 1
+        # token i is drawn when cumulative[i - 1] <= u < cumulative[i]: never one of probability 0
+        return torch.searchsorted(cumulative, u, right=True).clamp_max(scores.shape[-1] - 1).squeeze(-1)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        token = self.draw(input_ids, scores)
+        return torch.full_like(scores, float("-inf"), dtype=torch.float32).scatter_(-1, token[:, None], 0.0)
 
 
 def _processors(params: SamplingParams, seeds: Sequence[int] | None) -> LogitsProcessorList:
@@ -150,23 +164,26 @@ def _greedy(_: torch.Tensor, logits: torch.Tensor, rows: torch.Tensor) -> torch.
 
 
 def _chooser(params: SamplingParams, seeds: Sequence[int] | None):
-    """The next token from the last position's float32 logits: greedy, a seeded Gumbel-max draw, or torch's draw
+    """The next token from the last position's float32 logits: greedy, a seeded draw (SeededSampling), or torch's draw
     from the warped distribution."""
     if params.greedy or params.temperature <= 0:
         return _greedy
     processors = list(_processors(params, seeds))
+    seeded = processors.pop() if seeds is not None else None  # SeededSampling comes last: it draws
 
-    def warp(sequences: torch.Tensor, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def warp(sequences: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         # Each processor called directly: LogitsProcessorList inspects every processor's signature at every step.
         for processor in processors:
-            if isinstance(processor, SeededSampling):
-                processor.rows = rows
             logits = processor(sequences, logits)
         return logits
 
-    if seeds is not None:  # the processors end with SeededSampling's noise: the draw is their argmax
-        return lambda sequences, logits, rows: warp(sequences, logits, rows).argmax(-1)
-    return lambda sequences, logits, rows: torch.multinomial(torch.softmax(warp(sequences, logits, rows), -1),
+    def draw_seeded(sequences: torch.Tensor, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        seeded.rows = rows
+        return seeded.draw(sequences, warp(sequences, logits))
+
+    if seeded is not None:
+        return draw_seeded
+    return lambda sequences, logits, rows: torch.multinomial(torch.softmax(warp(sequences, logits), -1),
                                                              1).squeeze(1)
 
 

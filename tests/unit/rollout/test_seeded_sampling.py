@@ -6,23 +6,32 @@ from rlhf.rollout.generation import SamplingParams, SeededSampling, _processors,
 from tests.unit.rollout.test_experience import tiny
 
 
+def draws(sampler, scores, width=3):
+    return sampler(torch.zeros(scores.shape[0], width, dtype=torch.long), scores).argmax(-1)
+
+
 def test_the_draws_follow_the_softmax():
-    logits = torch.tensor([0.0, 1.0, 2.0, -1.0, float("-inf")])
+    logits = torch.tensor([0.0, 1.0, 2.0, -1.0, float("-inf"), 0.5])
     rows = 40000
-    noisy = SeededSampling(range(rows))(torch.zeros(rows, 3, dtype=torch.long), logits.expand(rows, -1))
-    freq = torch.bincount(noisy.argmax(-1), minlength=5).float() / rows
+    freq = torch.bincount(draws(SeededSampling(range(rows)), logits.expand(rows, -1)), minlength=6).float() / rows
     torch.testing.assert_close(freq, logits.softmax(-1), atol=0.01, rtol=0)  # 4 standard errors at most
-    assert freq[4] == 0  # a filtered token is never drawn
+    assert freq[4] == 0  # a filtered token is never drawn, not even when a neighbour has its cumulative mass
 
 
-def test_steps_and_seeds_give_different_noise_and_the_same_seed_the_same():
-    scores = torch.zeros(2, 50)
+def test_a_vocabulary_of_one_token_and_tiny_probabilities():
+    assert draws(SeededSampling(range(5)), torch.zeros(5, 1)).tolist() == [0] * 5
+    logits = torch.full((2000, 50000), -30.0)
+    logits[:, 123] = 0.0  # every other token has probability about 1e-13 each
+    assert (draws(SeededSampling(range(2000)), logits) == 123).all()
+
+
+def test_steps_and_seeds_give_different_draws_and_the_same_seed_the_same():
+    scores = torch.zeros(2, 1000)
     a = SeededSampling([7, 8])
-    first = a(torch.zeros(2, 4, dtype=torch.long), scores)
-    second = a(torch.zeros(2, 5, dtype=torch.long), scores)
-    assert not torch.equal(first[0], first[1]) and not torch.equal(first, second)
-    again = SeededSampling([7])(torch.zeros(1, 9, dtype=torch.long), scores[:1])  # another prompt width, step 0
-    assert torch.equal(again[0], first[0])
+    steps = torch.stack([draws(a, scores, width) for width in range(4, 24)])  # 20 decode steps of two rows
+    assert (steps[:, 0] != steps[:, 1]).sum() > 15 and len(set(steps[:, 0].tolist())) > 15
+    again = SeededSampling([7])  # another prompt width: the same draws step by step
+    assert torch.equal(torch.stack([draws(again, scores[:1], width)[0] for width in range(9, 29)]), steps[:, 0])
 
 
 def test_temperature_and_top_k_apply_before_the_draw():
