@@ -51,7 +51,7 @@ class Workload:
     dtype: str = "fp32"  # or bf16 (mixed precision in both implementations)
     lr: float = 1e-4
     kl_coef: float = 0.02  # GRPO beta and PPO kl_coef: both load and run a frozen reference
-    vocab_size: int = 0  # above the tokenizer's 104: the model's embedding and output head padded to this many rows
+    vocab_size: int = 0  # above the tokenizer's 103: the model's embedding and output head padded to this many rows
     seed: int = 0
 
     @property
