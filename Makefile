@@ -29,11 +29,15 @@ $(STAMP): pyproject.toml
 demo: install
 	$(VENV)/bin/rlhf pipeline run.dir=outputs/demo $(DEMO_ARGS)
 
+# One test worker per core (at most 4), each test file on one worker so its shared checkpoints are made once; every
+# worker and the runs it starts use one torch thread (tests/conftest.py).
+PYTEST := $(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile
+
 test: install
-	$(PY) -m pytest -q -ra
+	$(PYTEST) -ra
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # Throughput, phase times, peak RSS and MFU of every stage on one workload, side by side with TRL when it is installed
 # (pip install -e '.[bench]'); BENCH_ARGS='--steps 10 --dtype bf16' changes the workload (docs/performance.md).

@@ -20,10 +20,19 @@ def _demos(path: Path, n: int = 8) -> Path:
 
 
 def _causal_lm(tmp: Path) -> Path:
-    """A saved tiny causal LM (with tokenizer), made by a 1-step sft."""
-    run = tmp / "lm_run"
-    run_cli("sft", f"run.dir={run}", *FAST, "trainer.max_steps=1", "trainer.eval_every=0")
-    return run / "final"
+    """A saved tiny causal LM with its tokenizer, as the project's zoo writes one (no training needed to refuse)."""
+    from omegaconf import OmegaConf
+
+    from rlhf.config import ModelConfig
+    from rlhf.engine.checkpoint import save_pretrained
+    from rlhf.models.zoo import load_policy, load_tokenizer
+
+    cfg = OmegaConf.structured(ModelConfig)
+    cfg.tiny.hidden_size, cfg.tiny.num_layers, cfg.tiny.intermediate_size = 32, 1, 64
+    tokenizer = load_tokenizer(cfg)
+    path = tmp / "lm"
+    save_pretrained(load_policy(cfg, tokenizer, seed=0), tokenizer, path)
+    return path
 
 
 def case_missing_column(tmp):
