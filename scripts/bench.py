@@ -322,13 +322,40 @@ RATIO_KEYS = ("samples_per_s", "gen_tokens_per_s", "train_tokens_per_s", "peak_r
 
 
 def ratios(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """ours / TRL per stage for every key both measured (above 1: ours is faster, or uses more memory)."""
-    by = {(r["stage"], r["impl"]): r for r in results if "error" not in r}
+    """ours / TRL per stage for every key both measured (above 1: ours is faster, or uses more memory). With several
+    rounds, the median over rounds of each round's ratio: ours and TRL of one round ran back to back, so a machine
+    that speeds up or slows down between rounds moves both."""
+    by = {(r["stage"], r["impl"], r.get("round", 0)): r for r in results if "error" not in r}
     out = {}
     for stage in STAGES:
-        ours, trl = by.get((stage, "ours")), by.get((stage, "trl"))
-        if ours and trl:
-            out[stage] = {k: ours[k] / trl[k] for k in RATIO_KEYS if ours.get(k) and trl.get(k)}
+        per_round: dict[str, list[float]] = {}
+        for (s, impl, n), ours in by.items():
+            trl = by.get((stage, "trl", n))
+            if s != stage or impl != "ours" or not trl:
+                continue
+            for k in RATIO_KEYS:
+                if ours.get(k) and trl.get(k):
+                    per_round.setdefault(k, []).append(ours[k] / trl[k])
+        if per_round:
+            out[stage] = {k: statistics.median(v) for k, v in per_round.items()}
+    return out
+
+
+def median_runs(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One run per stage and implementation, the one of median seconds per step over its rounds (the table's row;
+    bench.json keeps every round), with every round's samples/s beside it."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in results:
+        groups.setdefault((r["stage"], r["impl"]), []).append(r)
+    out = []
+    for runs in groups.values():
+        done = sorted((r for r in runs if "error" not in r), key=lambda r: r["step_s"])
+        if not done:
+            out.append(runs[0])
+            continue
+        chosen = dict(done[(len(done) - 1) // 2])
+        chosen["rounds_samples_per_s"] = [r["samples_per_s"] for r in runs if "error" not in r]
+        out.append(chosen)
     return out
 
 
@@ -366,7 +393,7 @@ def render_table(results: list[dict[str, Any]], ratio: dict[str, dict[str, float
 
 def write_report(out: Path, report: dict[str, Any]) -> str:
     """bench.json (everything) and bench.md (the tables); returns the tables."""
-    table = render_table(report["results"], report["ratios"])
+    table = render_table(median_runs(report["results"]), report["ratios"])
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "bench.md").write_text(table + "\n")
@@ -500,6 +527,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                              "other work measurable, where several threads wait on each other's stolen time slices")
     parser.add_argument("--out", default=None, help="output directory (default outputs/bench/<timestamp>)")
     parser.add_argument("--no-trl", action="store_true", help="our stages only")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run each stage this many times, ours and TRL alternating; the table shows each one's "
+                             "median run and the median of the rounds' ratios (a noisy machine: 3 or more)")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for our stages (repeatable), e.g. trainer.shared_prefix=false to "
                              "measure a fast path against its absence; a stage whose config lacks the key fails")
@@ -545,10 +575,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     print(f"model rates: forward {rates['forward'] / 1e9:.1f}, forward+backward {rates['train'] / 1e9:.1f} GFLOP/s",
           flush=True)
     results = []
-    for stage in stages:
+    for stage, n in ((stage, n) for stage in stages for n in range(max(args.rounds, 1))):
         impls = ["ours"] + (["trl"] if with_trl and stage in TRL_STAGES else [])
         for impl in impls:
-            run_dir = out / impl / stage
+            run_dir = out / impl / stage / (f"round{n + 1}" if args.rounds > 1 else "")
             run_dir.mkdir(parents=True, exist_ok=True)
             if impl == "ours":
                 argv = our_command(stage, w, inputs, run_dir) + args.override
@@ -557,7 +587,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                 spec.write_text(json.dumps({"workload": asdict(w), "run_dir": str(run_dir), "device": device,
                                             **inputs}))
                 argv = [sys.executable, __file__, "--trl-worker", stage, "--spec", str(spec)]
-            print(f"{stage} ({impl}) ...", end=" ", flush=True)
+            print(f"{stage} ({impl}{f', round {n + 1}' if args.rounds > 1 else ''}) ...", end=" ", flush=True)
             child = run_child(argv, run_dir / "log.txt", env)
             rows = step_rows(run_dir / "metrics.jsonl")
             if child["exit_code"] != 0 or not rows:
@@ -565,13 +595,13 @@ def main(argv: Optional[list[str]] = None) -> None:
                           "error": f"exit code {child['exit_code']}, see {run_dir / 'log.txt'}"}
             else:
                 result = summarise(stage, impl, rows, w, inputs["vocab"], peaks[w.dtype], rates)
-            result.update(child, run_dir=str(run_dir))
+            result.update(child, run_dir=str(run_dir), round=n)
             print(result.get("error") or f"{child['wall_s']:.0f}s, other processes took "
                   f"{100 * child['others_cpu']:.0f}% of the CPUs", flush=True)
             results.append(result)
     report = {"machine": machine(device), "dtype": w.dtype, "versions": versions(),
               "matmul_peak_flops": peaks, "model_rates_flops": rates, "workload": asdict(w), "overrides": args.override, "note": note,
-              "results": results, "ratios": ratios(results)}
+              "rounds": max(args.rounds, 1), "results": results, "ratios": ratios(results)}
     table = write_report(out, report)
     d = report["machine"]
     print(f"\n{d['device_name']} ({device}, threads per process: {d['torch_threads']}), {w.dtype}; "

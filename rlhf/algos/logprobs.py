@@ -14,8 +14,15 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-DEFAULT_CHUNK_SIZE = 1024
-"""Rows (token positions) per chunk: 1024 rows of a 150k vocabulary in float32 is about 600 MiB."""
+CHUNK_ELEMENTS = 2 ** 25
+"""Logits per chunk when no chunk size is given: 128 MiB in float32, so 256 positions of a 128k vocabulary (a
+chunk's temporaries, a few copies of it, stay well under the logits themselves) and whole batches of a small one.
+A fixed 1024 positions made each copy 500-600 MiB at 128-150k: the peak of a GRPO step on the bench model."""
+
+
+def default_chunk_size(vocab: int) -> int:
+    """Positions per chunk for a vocabulary of `vocab` entries (CHUNK_ELEMENTS logits)."""
+    return max(1, CHUNK_ELEMENTS // max(vocab, 1))
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -120,7 +127,7 @@ def _check_args(chunk_size: int, temperature: float) -> None:
 
 
 def token_logprobs(
-    logits: Tensor, tokens: Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE, temperature: float = 1.0
+    logits: Tensor, tokens: Tensor, chunk_size: int | None = None, temperature: float = 1.0
 ) -> Tensor:
     """log pi(y_t | context) = log_softmax(logits / temperature)[..., y_t], for logits [..., V] and tokens [...].
 
@@ -129,6 +136,7 @@ def token_logprobs(
     holding that [..., V] float32 tensor. The caller aligns logits and tokens (logits at position t predict the
     token at t + 1). Every token must be a valid id, padding included (mask the result, not the ids: -100 fails).
     """
+    chunk_size = default_chunk_size(logits.shape[-1]) if chunk_size is None else chunk_size
     _check_args(chunk_size, temperature)
     if logits.shape[:-1] != tokens.shape:
         raise ValueError(f"logits {list(logits.shape)} must be tokens {list(tokens.shape)} plus a vocabulary axis")
@@ -137,10 +145,11 @@ def token_logprobs(
     return _TokenLogprobs.apply(logits3, tokens2, chunk_size, float(temperature)).view(tokens.shape)
 
 
-def entropy_from_logits(logits: Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE, temperature: float = 1.0) -> Tensor:
+def entropy_from_logits(logits: Tensor, chunk_size: int | None = None, temperature: float = 1.0) -> Tensor:
     """H(pi(. | context)) = -sum_v p_v log p_v with p = softmax(logits / temperature), for logits [..., V] -> [...].
 
     Returns float32 (float64 for float64 logits); differentiable with respect to ``logits``.
     """
+    chunk_size = default_chunk_size(logits.shape[-1]) if chunk_size is None else chunk_size
     _check_args(chunk_size, temperature)
     return _Entropy.apply(_as_3d(logits), chunk_size, float(temperature)).view(logits.shape[:-1])

@@ -81,12 +81,15 @@ def position_ids(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
-def _response_logits(model, exp: Experience, shared_prefix: bool = False) -> Tensor:
-    """The logits that predict each response token, [B, R, V]: one forward over [prompt | response].
+def _response_logit_blocks(model, exp: Experience, shared_prefix: bool = False) -> list[Tensor]:
+    """The logits that predict each response token, as blocks along the response axis whose widths add up to R
+    ([B, R_i, V] each): one forward over [prompt | response], one block.
 
     With shared_prefix, rows whose prompts are the same (a GRPO group) share one forward of that prompt: its
     keys and values are indexed out to every row of the group (a differentiable copy, so the prompt's gradient
-    is the sum of its rows'), then the responses run over them. Same logits, G - 1 fewer prompt passes per group."""
+    is the sum of its rows'), then the responses run over them. Same logits, G - 1 fewer prompt passes per group,
+    in two blocks (the prompt's last position, then the responses' positions but the last): concatenating them
+    would copy the largest tensor of the step (B x R x V) in the forward pass and again in the backward pass."""
     width = exp.sequences.shape[1] - exp.prompt_width
     positions = position_ids(exp.attention_mask)
     if shared_prefix:
@@ -96,11 +99,19 @@ def _response_logits(model, exp: Experience, shared_prefix: bool = False) -> Ten
             prompt, cache = run_prefix(model, exp.sequences[holders, :p], exp.attention_mask[holders, :p],
                                        positions[holders, :p], logits_to_keep=1)
             cache.batch_select_indices(owner)
-            response = run_continuation(model, cache, exp.sequences[:, p:], exp.attention_mask, positions[:, p:])
-            return torch.cat([prompt.logits[owner], response.logits[:, :-1]], dim=1)
+            # the last response position predicts nothing: its logits are not computed
+            keep = torch.arange(width - 1, device=exp.sequences.device)
+            response = run_continuation(model, cache, exp.sequences[:, p:], exp.attention_mask, positions[:, p:],
+                                        logits_to_keep=keep)
+            return [prompt.logits[owner], response.logits]
     out = model(input_ids=exp.sequences, attention_mask=exp.attention_mask, position_ids=positions,
                 logits_to_keep=width + 1, use_cache=False)
-    return out.logits[:, :-1]
+    return [out.logits[:, :-1]]
+
+
+def _response_logits(model, exp: Experience, shared_prefix: bool = False) -> Tensor:
+    """The logits that predict each response token, [B, R, V] (see _response_logit_blocks)."""
+    return torch.cat(_response_logit_blocks(model, exp, shared_prefix), dim=1)
 
 
 def response_logprobs(model, exp: Experience, temperature: float = 1.0, with_entropy: bool = False,
@@ -108,13 +119,13 @@ def response_logprobs(model, exp: Experience, temperature: float = 1.0, with_ent
     """log pi(y_t | x, y_<t) for every response column [B, R] (and the entropy there if asked).
 
     Only the logits that predict response tokens are computed (`logits_to_keep`), and the log-softmax is
-    taken in chunks, so no [B, T, vocab] float32 tensor is held. shared_prefix: see _response_logits."""
-    logits = _response_logits(model, exp, shared_prefix)
-    targets = exp.sequences[:, exp.prompt_width:]
-    logprobs = token_logprobs(logits, targets, temperature=temperature)
+    taken in chunks, so no [B, T, vocab] float32 tensor is held. shared_prefix: see _response_logit_blocks."""
+    blocks = _response_logit_blocks(model, exp, shared_prefix)
+    targets = exp.sequences[:, exp.prompt_width:].split([b.shape[1] for b in blocks], dim=1)
+    logprobs = torch.cat([token_logprobs(b, y, temperature=temperature) for b, y in zip(blocks, targets)], dim=1)
     if not with_entropy:
         return logprobs, None
-    return logprobs, entropy_from_logits(logits.detach(), temperature=temperature)
+    return logprobs, torch.cat([entropy_from_logits(b.detach(), temperature=temperature) for b in blocks], dim=1)
 
 
 @torch.no_grad()

@@ -223,6 +223,14 @@ class Trainer:
     def zero_stage(self) -> int:
         return configured_zero_stage(self.cfg)
 
+    def shares_prefixes(self) -> bool:
+        """Whether a prompt that several rows continue runs once for all of them (trainer.shared_prefix,
+        rlhf.models.prefix): not under ZeRO-3, where ranks holding different prompts would run different numbers of
+        forward passes, each a collective; nor with gradient checkpointing, under which transformers drops the cache
+        from every layer it checkpoints (the backward's replay would write it a second time)."""
+        return (bool(self.cfg.trainer.shared_prefix) and self.zero_stage() < 3
+                and not self.cfg.model.gradient_checkpointing)
+
     def _resume(self, path: Path, universal: bool = False) -> None:
         state = ckpt.load_checkpoint(path, self.engines, universal)
         if state.get("stage") != self.stage:

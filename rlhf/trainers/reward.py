@@ -198,8 +198,7 @@ class RewardModelTrainer(Trainer):
         # Chosen and rejected responses of unequal length: each micro-batch runs as a few passes of rows of similar
         # length, not one padded to its longest (not under ZeRO-3, where every pass is a collective).
         self.max_buckets = 4 if cfg.trainer.group_by_length and configured_zero_stage(cfg) < 3 else 1
-        self.shared_prompt = (cfg.trainer.shared_prefix and has_token_head(model) and configured_zero_stage(cfg) < 3
-                              and not cfg.model.gradient_checkpointing)
+        self.shared_prompt = self.shares_prefixes() and has_token_head(model)
         self.engine = build_engine(model, cfg, self.world)
         self.engines = {"reward_model": self.engine}
 

@@ -142,8 +142,7 @@ class RLTrainer(Trainer):
             self._info(f"{' and '.join(frozen)} partitioned over {self.world} process(es) (ZeRO-3 inference engine)")
         r = cfg.rollout
         self.sampling = SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k)
-        self.shared_prefix = (cfg.trainer.shared_prefix and self.zero_stage() < 3
-                              and not cfg.model.gradient_checkpointing)
+        self.shared_prefix = self.shares_prefixes()
 
     # ---- experience --------------------------------------------------------------------------------
     def draw(self, count: int, sums: dict[str, float]) -> Samples:

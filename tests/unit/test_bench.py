@@ -139,3 +139,21 @@ def test_report_and_ratios(tmp_path):
 def test_flags_set_the_workload():
     args = bench.parse_args(["--prompt-len", "20", "--dtype", "bf16", "--no-trl", "--stages", "sft"])
     assert (args.prompt_len, args.dtype, args.no_trl, args.stages) == (20, "bf16", True, "sft")
+
+
+def test_rounds_take_the_median_of_paired_ratios_and_the_median_run():
+    def run(impl, n, samples_per_s, step_s):
+        return {"stage": "grpo", "impl": impl, "round": n, "samples_per_s": samples_per_s, "step_s": step_s,
+                "peak_rss_mb": 600.0, "mfu": 0.02, "gen_tokens_per_s": None, "train_tokens_per_s": None,
+                "phase_s": {"generate": 0.0, "logprob": 0.0, "reward": 0.0, "train": step_s, "other": 0.0}}
+
+    # the machine slows down in round 2: both implementations slow with it, their ratio stays near 1.2
+    results = [run("ours", 0, 12.0, 1.0), run("trl", 0, 10.0, 1.2), run("ours", 1, 6.0, 2.0), run("trl", 1, 5.5, 2.2),
+               run("ours", 2, 11.0, 1.1), run("trl", 2, 9.0, 1.3), {"stage": "grpo", "impl": "trl", "round": 3,
+                                                                     "error": "exit code 1"}]
+    ratio = bench.ratios(results)["grpo"]
+    assert ratio["samples_per_s"] == pytest.approx(12.0 / 10.0)  # the median of 1.2, 1.09 and 1.22
+    assert ratio["peak_rss_mb"] == 1.0 and "gen_tokens_per_s" not in ratio
+    chosen = {r["impl"]: r for r in bench.median_runs(results)}
+    assert chosen["ours"]["round"] == 2 and chosen["trl"]["round"] == 2  # 1.1 s of 1.0, 1.1, 2.0
+    assert chosen["ours"]["rounds_samples_per_s"] == [12.0, 6.0, 11.0]

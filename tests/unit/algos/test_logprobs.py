@@ -79,3 +79,12 @@ def test_bad_arguments():
         token_logprobs(torch.zeros(2, 3, 4), torch.zeros(2, 3, dtype=torch.long), chunk_size=0)
     with pytest.raises(ValueError, match="temperature"):
         entropy_from_logits(torch.zeros(2, 3, 4), temperature=0.0)
+
+
+def test_the_default_chunk_holds_a_fixed_number_of_logits_whatever_the_vocabulary():
+    from rlhf.algos.logprobs import CHUNK_ELEMENTS, default_chunk_size
+
+    assert default_chunk_size(128_000) == 262 and default_chunk_size(103) == CHUNK_ELEMENTS // 103
+    assert default_chunk_size(CHUNK_ELEMENTS * 4) == 1  # never no positions
+    logits, tokens = torch.randn(3, 5, 11), torch.randint(11, (3, 5))
+    torch.testing.assert_close(token_logprobs(logits, tokens), naive_logprobs(logits, tokens))
