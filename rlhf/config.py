@@ -294,6 +294,10 @@ class RLTrainerConfig(TrainerConfig):
     """Run a prompt that several samples of a micro-batch share (a GRPO group) once in the log-prob passes and the
     update, its keys and values reused by each sample: the same numbers for less work. Off under ZeRO-3 (every
     forward is a collective there, and ranks could differ in how many they run) and with gradient checkpointing."""
+    disable_dropout: bool = True
+    """Set every dropout probability of the policy (and critic) to 0, as TRL's disable_dropout: the rollout's old
+    log-probs and the update's new ones then come from the same function, so the ratio is exactly 1 at the first
+    update. false keeps the checkpoint's dropout in the update (the ratio then carries dropout noise)."""
 
 
 @dataclass
@@ -367,7 +371,13 @@ class GRPOAlgoConfig:
     scale_rewards: str = "group"
     """Divide centred rewards by the std of the group, of the whole batch, or none (Dr. GRPO)."""
     beta: float = 0.02
-    """KL coefficient (k3 estimator, in the loss). 0: no reference model is loaded at all."""
+    """KL coefficient (the KL to the reference is a loss term). 0: no reference model is loaded at all."""
+    kl_estimator: str = "k3"
+    """KL estimator of the loss term: k3 (exp(-x) + x - 1, GRPO's) or k2 (half squared log-ratio). k1 is refused:
+    as a loss term its gradient has zero mean and regularises nothing."""
+    entropy_coef: float = 0.0
+    """Entropy bonus coefficient: - entropy_coef x the policy's entropy at each response token is added to the
+    loss (0 = off)."""
     epsilon: float = 0.2
     """Lower clip range of the ratio: clip(ratio, 1 - epsilon, ...)."""
     epsilon_high: Optional[float] = None
