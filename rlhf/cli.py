@@ -51,6 +51,8 @@ def _groups_epilog() -> str:
 
 
 def _quiet_libraries() -> None:
+    """Environment and log levels of torch, DeepSpeed, transformers and datasets; imports them (seconds), so it runs
+    only once the config has composed and passed its checks."""
     if "DS_ACCELERATOR" not in os.environ:
         import torch
 
@@ -71,9 +73,11 @@ def _under_launcher() -> bool:
 
 
 def launch_command(stage: str, cfg, overrides: list[str]) -> list[str]:
-    """The deepspeed-launcher command that runs this stage on every process (each rank re-reads the config)."""
+    """The deepspeed-launcher command that runs this stage on every process (each rank re-reads the config). The
+    launcher runs on this interpreter, not a `deepspeed` from PATH: `.venv/bin/rlhf` works without activating the venv,
+    and every rank runs the Python that holds this rlhf."""
     launcher = cfg.launcher
-    cmd = ["deepspeed", "--master_port", str(launcher.master_port)]
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", str(launcher.master_port)]
     if launcher.hostfile:
         cmd += ["--hostfile", launcher.hostfile, "--num_nodes", str(launcher.num_nodes)]
         if launcher.master_addr:
@@ -86,22 +90,26 @@ def launch_command(stage: str, cfg, overrides: list[str]) -> list[str]:
     return cmd + list(overrides) + [f"run.dir={cfg.run.dir}"]
 
 
-def run_stage(stage: str, overrides: list[str], print_cfg: Optional[str] = None) -> None:
-    _quiet_libraries()
+def _print_config(cfg, print_cfg: str) -> None:
     from omegaconf import OmegaConf
 
+    if print_cfg not in ("job", "all"):
+        raise RLHFError(f"--cfg takes 'job' (the resolved config), got {print_cfg!r}")
+    typer.echo(OmegaConf.to_yaml(cfg))
+
+
+def run_stage(stage: str, overrides: list[str], print_cfg: Optional[str] = None) -> None:
     from rlhf.config import load_config
-    from rlhf.trainers.base import default_run_dir
 
     config_name, target, _ = STAGES[stage]
-    cfg = load_config(config_name, overrides)
+    cfg = load_config(config_name, overrides)  # a config error answers here, before any heavy import
     if print_cfg is not None:
-        if print_cfg not in ("job", "all"):
-            raise RLHFError(f"--cfg takes 'job' (the resolved config), got {print_cfg!r}")
-        typer.echo(OmegaConf.to_yaml(cfg))
-        return
+        return _print_config(cfg, print_cfg)
+    _quiet_libraries()  # also before a launch: the ranks inherit DS_ACCELERATOR
     wants_launcher = cfg.launcher.nproc_per_node > 1 or cfg.launcher.hostfile
     if wants_launcher and not _under_launcher():
+        from rlhf.trainers.base import default_run_dir
+
         if not cfg.run.dir:
             cfg.run.dir = default_run_dir(stage)
         cmd = launch_command(stage, cfg, overrides)
@@ -136,16 +144,13 @@ for _stage in STAGES:
                   "(grpo.trainer.max_steps=50, ppo.algo.kl_coef=0.1), report.<key>=... for the evaluation.")
 def pipeline(ctx: typer.Context,
              cfg: Optional[str] = typer.Option(None, "--cfg", help="Print the resolved config ('job') and exit.")):
-    _quiet_libraries()
-    from omegaconf import OmegaConf
-
     from rlhf.config import load_config
     from rlhf.pipeline import run_pipeline, section_overrides
 
     config = load_config("pipeline", section_overrides(list(ctx.args)))
     if cfg is not None:
-        typer.echo(OmegaConf.to_yaml(config))
-        return
+        return _print_config(config, cfg)
+    _quiet_libraries()
     from rlhf.engine.distributed import kept_alive
 
     main = os.environ.get("RANK", "0") == "0"  # under a launcher every rank runs the pipeline; one of them speaks

@@ -13,6 +13,7 @@ import inspect
 import re
 import typing
 from dataclasses import dataclass, field
+from enum import Enum
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -25,6 +26,46 @@ from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from rlhf.errors import ConfigError
+
+
+class Choice(str, Enum):
+    """A config value chosen from a fixed set. OmegaConf refuses any other value when the config is composed, and a
+    member is its string: `member == "value"`, dict lookups by the value, f-strings, json and to_yaml all see the
+    plain value. OmegaConf converts a string by member name, so every name equals its value."""
+
+    # Python 3.10 to 3.12 disagree on str() and format() of a str-mixin member ("Cls.name" or the value).
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+
+def _choices(name: str, values: str) -> type[Choice]:
+    """An Enum whose members are named by their values (`raise` is a keyword, so a class body could not hold it)."""
+    return Choice(name, [(v, v) for v in values.split()], module=__name__)  # type: ignore[return-value]
+
+
+# One Enum per set of choices; a key's docstring says what each choice does.
+Dtype = _choices("Dtype", "fp32 bf16 fp16")
+Task = _choices("Task", "arithmetic")
+DataFormat = _choices("DataFormat", "auto prompt_completion messages gsm8k prompt preference hh_rlhf ranked")
+DropOrError = _choices("DropOrError", "drop error")
+LRScheduler = _choices("LRScheduler", "cosine linear constant")
+RMLoss = _choices("RMLoss", "pairwise listwise")
+RMScore = _choices("RMScore", "last_token sum")
+OnRewardError = _choices("OnRewardError", "raise score")
+RewardAPI = _choices("RewardAPI", "auto trl verl openrlhf")
+Advantage = _choices("Advantage", "grpo rloo reinforce_pp")
+ScaleRewards = _choices("ScaleRewards", "group batch none")
+GRPOLossType = _choices("GRPOLossType", "grpo bnpo dapo dr_grpo")
+RatioLevel = _choices("RatioLevel", "token sequence")
+ZeroVariance = _choices("ZeroVariance", "keep skip resample")
+KLEstimator = _choices("KLEstimator", "k1 k2 k3")
+KLIn = _choices("KLIn", "reward loss")
+PPOLossType = _choices("PPOLossType", "token_mean seq_mean_token_mean")
+Truncation = _choices("Truncation", "terminal bootstrap")
+CriticInit = _choices("CriticInit", "auto reward_model policy")
+RMInit = _choices("RMInit", "sft config")
+PipelineStage = _choices("PipelineStage", "sft train_rm ppo grpo sft_control")
+ForcedStage = _choices("ForcedStage", " ".join(PipelineStage) + " all")  # pipeline.force: stages, or all of them
 
 
 @dataclass
@@ -61,7 +102,7 @@ class ModelConfig:
     """Hugging Face hub id or local directory of a causal LM. null: build the embedded tiny model (model.tiny)."""
     tokenizer: Optional[str] = None
     """Tokenizer hub id or directory. null: the one beside the model (or the embedded character tokenizer)."""
-    dtype: str = "fp32"
+    dtype: Dtype = Dtype.fp32
     """Parameter dtype: fp32, bf16 or fp16 (bf16/fp16 also switch DeepSpeed mixed precision on)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
@@ -95,7 +136,7 @@ class ArithmeticConfig:
 class DataConfig:
     path: Optional[str] = None
     """Hub dataset name, or a local .json/.jsonl/.parquet/.csv file or directory. null: the built-in task (data.task)."""
-    task: str = "arithmetic"
+    task: Task = Task.arithmetic
     """Built-in task used when data.path is null."""
     subset: Optional[str] = None
     """Hub dataset configuration name (the second argument of datasets.load_dataset)."""
@@ -103,9 +144,11 @@ class DataConfig:
     """Split used for training."""
     eval_split: Optional[str] = None
     """Split used for held-out evaluation. null: the built-in task's test set, or data.eval_size rows held out from the training split."""
-    eval_size: int = 200
-    """Rows held out from the training split when there is no eval_split (0 = no held-out set)."""
-    format: str = "auto"
+    eval_size: Optional[int] = None
+    """Rows held out from the training split when there is no eval_split. null: 10% of the rows, at least 1 and at
+    most 200 (none from a one-row file), said in one line; 0: no held-out set; N: exactly N (an error if that leaves
+    no training rows)."""
+    format: DataFormat = DataFormat.auto
     """Row layout: auto, prompt_completion, messages, gsm8k, prompt, preference, hh_rlhf, ranked. auto: inferred from the columns."""
     columns: Dict[str, str] = field(default_factory=dict)
     """Column renames, canonical name -> name in the data, e.g. {prompt: question}."""
@@ -117,7 +160,7 @@ class DataConfig:
     """Longest prompt in tokens."""
     max_length: int = 256
     """Longest prompt + response in tokens (longer training rows are truncated at the end)."""
-    on_long_prompt: str = "drop"
+    on_long_prompt: DropOrError = DropOrError.drop
     """What to do with prompts longer than max_prompt_length: drop (and count) or error."""
     arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
     """Settings of the built-in arithmetic task."""
@@ -131,7 +174,7 @@ class TrainerConfig:
     """Stop training after this many seconds of the training loop, then evaluate, save and export as at max_steps (a wall-clock budget: a scheduler slot, an equal-time control run); null = no limit."""
     lr: float = 1e-3
     """Peak learning rate."""
-    lr_scheduler: str = "cosine"
+    lr_scheduler: LRScheduler = LRScheduler.cosine
     """Learning-rate shape after warm-up: cosine, linear or constant."""
     warmup_steps: int = 10
     """Steps of linear warm-up from 0 to trainer.lr."""
@@ -223,9 +266,9 @@ class SFTAlgoConfig:
 class RewardModelAlgoConfig:
     """How `rlhf train-rm` trains a Bradley-Terry reward model and how a sequence's score is read."""
 
-    loss: str = "pairwise"
+    loss: RMLoss = RMLoss.pairwise
     """pairwise: Bradley-Terry -log sigmoid(r_chosen - r_rejected - margin), averaged over the ordered pairs of a ranked list (InstructGPT); listwise: Plackett-Luce NLL of the whole ranking. The two are equal for two responses."""
-    score: Optional[str] = None
+    score: Optional[RMScore] = None
     """Where a sequence's score comes from: last_token (the head's output at the last real token) or sum (a reward per response token, summed; Christiano et al. 2017). null: last_token for a new model, the saved choice of a trained one."""
     label_smoothing: float = 0.0
     """Probability that a preference label is flipped, in [0, 0.5) (pairwise loss only)."""
@@ -235,7 +278,7 @@ class RewardModelAlgoConfig:
     """Weight of the centring term coef * (r_chosen + r_rejected)^2 that keeps rewards near 0 (0 = off)."""
     lm_coef: Optional[float] = None
     """Weight of a language-modelling loss on the best (chosen) response, read through the input embeddings as output head, added to the preference loss (the hidden-state regulariser of GRM, Yang et al. 2024). Its next-token targets teach the backbone the task's text densely, where a preference pair gives one bit. Needs a decoder backbone and ZeRO 0-2. null: 2.0 where it can run, else off (said at start); 0: off."""
-    on_invalid: str = "drop"
+    on_invalid: DropOrError = DropOrError.drop
     """Preference rows with identical or empty responses: drop (and count) or error."""
     stats_rows: Optional[int] = None
     """Training rows scored for the reward mean/std saved with the model for reward.normalize (null: all of them)."""
@@ -338,13 +381,13 @@ class RewardConfig:
     """Reward functions by registry name (accuracy, format) or dotted path `my_pkg.my_mod:my_reward`."""
     weights: List[float] = field(default_factory=lambda: [1.0, 0.2])
     """Weight of each function in the summed reward (same order as reward.funcs)."""
-    on_error: str = "raise"
+    on_error: OnRewardError = OnRewardError["raise"]
     """A reward function that raises: raise (stop with the function and sample named) or score (give error_score, count it)."""
     error_score: float = 0.0
     """Score of a sample whose reward function raised, when reward.on_error=score."""
     time_limit_s: float = 60.0
     """Longest a reward function may take for one batch of completions."""
-    api: str = "auto"
+    api: RewardAPI = RewardAPI.auto
     """How dotted-path reward functions are called, so TRL, veRL and OpenRLHF reward code runs unchanged: trl (f(prompts, completions, **columns) -> list), verl (compute_score(data_source, solution_str, ground_truth, extra_info) per completion), openrlhf (reward_func(queries, prompts, labels)), or auto (picked from each function's parameter names; trl when unsure). Built-in functions are unaffected."""
     model_path: Optional[str] = None
     """Reward model directory written by `rlhf train-rm` (or any one-label sequence classifier), scored by the
@@ -366,13 +409,14 @@ class RewardConfig:
 class GRPOAlgoConfig:
     group_size: int = 8
     """Responses sampled per prompt (G); advantages are normalised within each group."""
-    advantage: str = "grpo"
+    advantage: Advantage = Advantage.grpo
     """Advantage estimator: grpo (group mean/std), rloo (leave-one-out baseline), reinforce_pp (batch whitening)."""
-    scale_rewards: str = "group"
-    """Divide centred rewards by the std of the group, of the whole batch, or none (Dr. GRPO)."""
+    scale_rewards: Optional[ScaleRewards] = None
+    """Divide centred rewards by the std of the group, of the whole batch, or none (Dr. GRPO). null: the estimator's
+    own default: group for grpo, none for rloo, batch for reinforce_pp (which takes batch or none)."""
     beta: float = 0.02
     """KL coefficient (the KL to the reference is a loss term). 0: no reference model is loaded at all."""
-    kl_estimator: str = "k3"
+    kl_estimator: KLEstimator = KLEstimator.k3
     """KL estimator of the loss term: k3 (exp(-x) + x - 1, GRPO's) or k2 (half squared log-ratio). k1 is refused:
     as a loss term its gradient has zero mean and regularises nothing."""
     entropy_coef: float = 0.0
@@ -382,15 +426,15 @@ class GRPOAlgoConfig:
     """Lower clip range of the ratio: clip(ratio, 1 - epsilon, ...)."""
     epsilon_high: Optional[float] = None
     """Upper clip range (DAPO's clip-higher); null = epsilon."""
-    loss_type: str = "dapo"
+    loss_type: GRPOLossType = GRPOLossType.dapo
     """Token-loss aggregation: grpo (per-response mean, then mean), bnpo (micro-batch token mean), dapo (token mean over the whole step), dr_grpo (sum / (responses x max_new_tokens))."""
     num_iterations: int = 1
     """Optimizer updates per batch of samples (mu); old log-probs are computed once and reused."""
-    ratio_level: str = "token"
+    ratio_level: RatioLevel = RatioLevel.token
     """Importance ratio per token (PPO/GRPO) or per sequence (GSPO, length-normalised)."""
     mask_truncated: bool = False
     """Leave responses that hit rollout.max_new_tokens without EOS out of the loss (DAPO's overlong filtering)."""
-    zero_variance: str = "keep"
+    zero_variance: ZeroVariance = ZeroVariance.keep
     """Groups whose rewards all agree (std ~ 0) carry no signal: keep them (advantage 0), skip them from the loss, or resample (DAPO's dynamic sampling: sample more prompts until the step's groups all carry signal)."""
     resample_rounds: int = 4
     """zero_variance=resample: most extra sampling rounds per step; groups still short are filled with flat groups, skipped from the loss."""
@@ -420,9 +464,9 @@ class PPOAlgoConfig:
     """Entropy bonus coefficient (0 = off)."""
     kl_coef: float = 0.05
     """KL coefficient beta (the initial one when adaptive_kl is on)."""
-    kl_in: str = "reward"
+    kl_in: KLIn = KLIn.reward
     """Where the KL to the reference goes: reward (per-token penalty in the reward, InstructGPT) or loss (a loss term, as GRPO)."""
-    kl_estimator: str = "k1"
+    kl_estimator: KLEstimator = KLEstimator.k1
     """KL estimator: k1 (log-ratio), k2 (half squared log-ratio), k3 (exp(-x) + x - 1, non-negative)."""
     adaptive_kl: bool = False
     """Steer kl_coef towards kl_target (Ziegler et al. 2019's controller)."""
@@ -434,7 +478,7 @@ class PPOAlgoConfig:
     """Passes over each step's samples."""
     mini_batches: int = 1
     """Optimizer updates per pass (the step's samples split into this many mini-batches)."""
-    loss_type: str = "token_mean"
+    loss_type: PPOLossType = PPOLossType.token_mean
     """Token-loss aggregation of the policy and value losses: token_mean (over the mini-batch's tokens) or seq_mean_token_mean (per response, then over responses)."""
     whiten_advantages: bool = True
     """Standardise advantages over the step's response tokens."""
@@ -444,13 +488,16 @@ class PPOAlgoConfig:
     """Clip sequence scores to [-reward_clip, reward_clip]; null = off."""
     missing_eos_penalty: float = 0.0
     """Subtracted from the score of a response that hit rollout.max_new_tokens without EOS."""
-    truncation: str = "bootstrap"
-    """A truncated response (no EOS) is not terminal: bootstrap GAE from the critic's value of its last state; terminal: treat it as ended."""
+    truncation: Truncation = Truncation.terminal
+    """terminal (default, as TRL, veRL and OpenRLHF): a response cut off by rollout.max_new_tokens is scored at its
+    last generated token and ends there (V after it is 0); bootstrap: a cut response gets no score at the cut and its
+    return continues with the critic's value of the state after its last token, a state the critic is trained near
+    but never on (an extrapolation)."""
 
 
 @dataclass
 class CriticConfig:
-    init: str = "auto"
+    init: CriticInit = CriticInit.auto
     """Critic initialisation: reward_model (its backbone and head), policy (its backbone, a zero value head), or auto (reward_model when reward.model_path is set, else policy)."""
     lr: Optional[float] = None
     """Critic learning rate; null = trainer.lr."""
@@ -486,11 +533,11 @@ class GRPOConfig(StageConfig):
 
 @dataclass
 class PipelineOptions:
-    stages: List[str] = field(default_factory=lambda: ["sft", "train_rm", "ppo", "grpo", "sft_control"])
+    stages: List[PipelineStage] = field(default_factory=lambda: list(PipelineStage))
     """Stages to run, in this order: sft, train_rm, ppo, grpo, sft_control (SFT continued from the SFT checkpoint for GRPO's wall time)."""
-    force: List[str] = field(default_factory=list)
+    force: List[ForcedStage] = field(default_factory=list)
     """Stages to run again even if finished ([all] for every one); stages that read a re-run stage run again too."""
-    rm_init: str = "sft"
+    rm_init: RMInit = RMInit.sft
     """Where train-rm starts: sft (the SFT checkpoint's backbone, a new score head) or config (train_rm's own model.*)."""
     report: bool = True
     """Evaluate every policy checkpoint on the held-out set and write summary.json, report.md and report.html."""
@@ -581,7 +628,9 @@ def load_config(stage: str, overrides: list[str]) -> DictConfig:
         OmegaConf.resolve(cfg)
         _check_missing(cfg)
         _check_known(cfg, STAGE_SCHEMAS[stage])
+        _weights_follow_funcs(cfg, overrides)
         _check_values(cfg)
+        _check_combinations(cfg)
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(_explain(exc, stage)) from None
     if choices.get("model") == "hf" and not cfg.model.name_or_path:
@@ -612,6 +661,24 @@ _RANGES = (
     ("algo.epsilon", lambda v: v > 0, "> 0 (the clip range)"),
     ("algo.group_size", lambda v: v >= 1, ">= 1"),
     ("algo.lm_coef", lambda v: v is None or v >= 0, ">= 0 (0 = off) or null"),
+    ("algo.label_smoothing", lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
+    ("algo.epsilon_high", lambda v: v is None or v > 0, "> 0 or null (= algo.epsilon)"),
+    ("algo.dual_clip", lambda v: v is None or v > 1, "> 1 (a bound on -A x ratio) or null"),
+    ("algo.value_clip", lambda v: v is None or v > 0, "> 0 or null (unclipped)"),
+    ("algo.entropy_coef", lambda v: v >= 0, ">= 0 (0 = off)"),
+    ("algo.beta", lambda v: v >= 0, ">= 0 (0 = no KL term)"),
+    ("algo.kl_coef", lambda v: v >= 0, ">= 0 (0 = no KL penalty)"),
+    ("algo.oversample", lambda v: v >= 1, ">= 1 (prompts drawn per round at least trainer.prompts_per_step)"),
+    ("algo.num_iterations", lambda v: v >= 1, ">= 1"),
+    ("algo.ppo_epochs", lambda v: v >= 1, ">= 1"),
+    ("algo.mini_batches", lambda v: v >= 1, ">= 1"),
+    ("algo.samples_per_prompt", lambda v: v >= 1, ">= 1"),
+    ("rollout.top_p", lambda v: 0 < v <= 1, "in (0, 1] (1 = off)"),
+    ("rollout.top_k", lambda v: v >= 0, ">= 0 (0 = off)"),
+    ("reward.code.timeout_s", lambda v: v > 0, "> 0"),
+    ("reward.code.memory_mb", lambda v: v > 0, "> 0"),
+    ("reward.code.max_procs", lambda v: v > 0, "> 0"),
+    ("reward.code.max_workers", lambda v: v is None or v >= 1, ">= 1 or null"),
 )
 
 
@@ -622,6 +689,52 @@ def _check_values(cfg: DictConfig) -> None:
             continue
         if not ok(value):
             raise ConfigError(f"{key}={value}: expected {expected}")
+
+
+def _overridden(overrides: list[str], key: str) -> bool:
+    """Whether an override sets or deletes `key` (key=..., +key=..., ++key=..., ~key)."""
+    return any(item.split("=", 1)[0].lstrip("+~") == key for item in overrides)
+
+
+def _weights_follow_funcs(cfg: DictConfig, overrides: list[str]) -> None:
+    """Weights the user did not set follow the functions: the reward group's weights were written for its own
+    functions, so `reward.funcs=[...]` alone weighs each function 1.0 (TRL's default). Explicit weights are checked."""
+    reward = cfg.get("reward")
+    if not isinstance(reward, DictConfig):
+        return
+    if not reward.weights or (_overridden(overrides, "reward.funcs") and not _overridden(overrides, "reward.weights")):
+        reward.weights = [1.0] * len(reward.funcs)
+    if len(reward.weights) != len(reward.funcs):
+        funcs, weights = ", ".join(map(str, reward.funcs)), ", ".join(map(str, reward.weights))
+        raise ConfigError(f"reward.weights=[{weights}] gives {len(reward.weights)} weight(s) for the "
+                          f"{len(reward.funcs)} functions of reward.funcs=[{funcs}]: set reward.weights with "
+                          f"{len(reward.funcs)} values, one per function")
+
+
+def _check_combinations(cfg: DictConfig) -> None:
+    """Rules between keys that need no model or data."""
+    a = cfg.get("algo")
+    k1 = "k1 as a loss term has a zero-mean gradient and regularises nothing: use k3 or k2"
+    if cfg.stage == "ppo":
+        if a.kl_in == KLIn.loss and a.kl_estimator == KLEstimator.k1:
+            raise ConfigError(f"algo.kl_in=loss with algo.kl_estimator=k1: {k1}")
+        if a.adaptive_kl and (a.kl_coef <= 0 or a.kl_target <= 0 or a.kl_horizon <= 0):
+            raise ConfigError(f"algo.adaptive_kl=true steers algo.kl_coef multiplicatively towards algo.kl_target "
+                              f"over algo.kl_horizon: all three must be > 0, got kl_coef={a.kl_coef}, "
+                              f"kl_target={a.kl_target}, kl_horizon={a.kl_horizon}")
+        if cfg.reward.dense and a.truncation == Truncation.bootstrap:
+            raise ConfigError("reward.dense=true spreads the score over the tokens, algo.truncation=bootstrap "
+                              "withholds it at the cut: use algo.truncation=terminal with dense rewards")
+    if cfg.stage == "grpo":
+        if a.kl_estimator == KLEstimator.k1 and a.beta > 0:
+            raise ConfigError(f"algo.kl_estimator=k1 with algo.beta={a.beta}: {k1} (or algo.beta=0 for no KL term)")
+        if a.advantage == Advantage.reinforce_pp and a.scale_rewards == ScaleRewards.group:
+            raise ConfigError("algo.scale_rewards=group with algo.advantage=reinforce_pp: REINFORCE++ normalises "
+                              "over the batch; it supports algo.scale_rewards=batch or none (null: batch)")
+        if a.advantage != Advantage.reinforce_pp and a.group_size < 2:
+            raise ConfigError(f"algo.group_size={a.group_size} with algo.advantage={a.advantage}: group-relative "
+                              "advantages need at least 2 responses per prompt (algo.group_size>=2, or "
+                              "algo.advantage=reinforce_pp)")
 
 
 def _check_missing(cfg: DictConfig, prefix: str = "") -> None:
@@ -678,6 +791,12 @@ def _explain(exc: Exception, stage: str) -> str:
         hint = f" Did you mean {', '.join(f'{parent}.{c}'.lstrip('.') for c in close)}?" if close else ""
         listing = f" Valid keys{' under ' + repr(parent) if parent else ''}: {', '.join(valid)}." if valid else ""
         return f"unknown config key {full_key!r}.{hint}{listing}"
+    invalid = re.search(r"Invalid value '(.*)', expected one of \[(.*)\]", text)
+    if invalid and full_key:
+        value, valid = invalid.group(1), invalid.group(2).split(", ")
+        close = difflib.get_close_matches(value, valid, n=1)
+        hint = f" Did you mean {close[0]}?" if close else ""
+        return f"{full_key}={value!r}: expected one of {', '.join(valid)}.{hint}"
     converted = re.search(r"Value '(.*)' of type '(\w+)' could not be converted to (\w+)", text)
     if converted and full_key:
         return f"{full_key}: expected {converted.group(3).lower()}, got {converted.group(1)!r}."

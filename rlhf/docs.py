@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import inspect
 import typing
 
@@ -18,7 +19,9 @@ def _default(f: dataclasses.Field) -> str:
         return "required"
     if dataclasses.is_dataclass(value):
         return ""
-    return "null" if value is None else repr(value).replace("'", "") if isinstance(value, (list, dict)) else (
+    if isinstance(value, list):
+        return f"[{', '.join(map(str, value))}]"  # str(): a choice's value, where repr() gives <Enum.name: 'value'>
+    return "null" if value is None else repr(value).replace("'", "") if isinstance(value, dict) else (
         str(value).lower() if isinstance(value, bool) else str(value))
 
 
@@ -29,6 +32,8 @@ def _type_name(kind: object) -> str:
         return f"{_type_name(args[0])} or null"
     if origin is not None:
         return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]"
+    if isinstance(kind, type) and issubclass(kind, enum.Enum):
+        return f"choice: {', '.join(m.value for m in kind)}"
     return "any" if kind is typing.Any else getattr(kind, "__name__", str(kind))
 
 

@@ -8,64 +8,53 @@ checkpoint. Wall times are the stages' own (summary.json of each stage).
 from __future__ import annotations
 
 import base64
-import html
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
+from xml.etree.ElementTree import Element
 
+import markdown
+from markdown.treeprocessors import Treeprocessor
 from omegaconf import DictConfig, OmegaConf
 
+from rlhf.plan import POLICIES, STAGES, Plan, as_overrides, eval_data_overrides, render_value
 from rlhf.plotting import plot_against_time, plot_run
 
-if TYPE_CHECKING:
-    from rlhf.pipeline import Plan
-
-LABELS = {"sft": "SFT (cold start)", "ppo": "PPO (reward model)", "grpo": "GRPO (verifier)",
-          "sft_control": "SFT control (GRPO's wall time)"}
 POLICY_KEYS = ("accuracy", "format_rate", "reward", "rm_score", "kl", "response_length")
-STAGE_PLOT_KEYS = {
-    "sft": ("loss", "eval/loss", "eval/accuracy", "eval/format_rate", "eval/response_length"),
-    "sft_control": ("loss", "eval/loss", "eval/accuracy", "eval/format_rate", "eval/response_length"),
-    "train_rm": ("loss", "eval/loss", "eval/pairwise_accuracy", "eval/margin", "train/pairwise_accuracy"),
-    "ppo": ("reward/mean", "eval/accuracy", "kl/k3", "kl/k1", "entropy", "response/length_mean",
-            "value/explained_variance", "eval/reward"),
-    "grpo": ("reward/mean", "eval/accuracy", "kl/k3", "kl/k1", "entropy", "response/length_mean",
-             "reward/zero_variance_frac", "eval/reward"),
-}
 # The targets of the embedded demo (the arithmetic task on a 2-core CPU), checked against what was measured.
 DEMO_TARGETS = {"rm_accuracy": 0.95, "ppo_gain": 0.15, "grpo_gain": 0.30, "total_wall_s": 600.0}
 
 
-def evaluate_policies(plan: "Plan", cfg: DictConfig, run_stage: Callable[[str, list[str]], Any]) -> None:
-    """`rlhf eval` of every finished policy checkpoint against the SFT checkpoint, into <pipeline>/eval/<stage>."""
-    from rlhf.pipeline import _render, as_overrides
-
+def evaluate_policies(plan: Plan, cfg: DictConfig, run_stage: Callable[[str, list[str]], Any]) -> None:
+    """`rlhf eval` of every finished policy checkpoint against the SFT checkpoint, into <pipeline>/eval/<stage>,
+    on the pipeline's data (the built-in task unless its `common`/`grpo` sections set another; `report.*` last)."""
     rm = plan.final("train_rm") if plan.finished("train_rm") else None
-    for stage in ("sft", "ppo", "grpo", "sft_control"):
-        if not plan.finished(stage):
+    for stage in POLICIES:
+        if not plan.finished(stage.name):
             continue
-        overrides = [f"model.name_or_path={_render(str(plan.final(stage)))}",
-                     f"reference={_render(str(plan.final('sft')))}", f"run.dir={plan.root / 'eval' / stage}",
-                     "run.overwrite=true", f"run.seed={cfg.run.seed}", "data=arithmetic"]
+        overrides = [f"model.name_or_path={render_value(str(plan.final(stage.name)))}",
+                     f"reference={render_value(str(plan.final('sft')))}",
+                     f"run.dir={plan.root / 'eval' / stage.name}", "run.overwrite=true", f"run.seed={cfg.run.seed}"]
+        overrides += eval_data_overrides(cfg)
         if rm is not None:  # the reward model's (normalised) score rides along with weight 0: reported, not summed
             overrides += ["reward.funcs=[accuracy,format,model]", "reward.weights=[1.0,0.2,0.0]",
-                          f"reward.model_path={_render(str(rm))}", "reward.normalize=true"]
+                          f"reward.model_path={render_value(str(rm))}", "reward.normalize=true"]
         run_stage("eval", overrides + as_overrides(OmegaConf.to_container(cfg.report)))
 
 
-def collect(plan: "Plan") -> dict[str, dict[str, Any]]:
+def collect(plan: Plan) -> dict[str, dict[str, Any]]:
     """The pipeline's `stages` table: policy rows from their evaluation, the RM row and wall times from the stages."""
     stages: dict[str, dict[str, Any]] = {}
-    for stage in ("sft", "train_rm", "ppo", "grpo", "sft_control"):
-        own = plan.summary(stage)
+    for stage in STAGES:
+        own = plan.summary(stage.name)
         if not own:
             continue
         row: dict[str, Any] = {}
-        if stage == "train_rm":
+        if not stage.is_policy:
             row["pairwise_accuracy"] = own.get("pairwise_accuracy")
         else:
-            evaluated = _read(plan.root / "eval" / stage / "summary.json")
+            evaluated = _read(plan.root / "eval" / stage.name / "summary.json")
             source = evaluated or own
             for key in POLICY_KEYS:
                 value = source.get("reward/model" if key == "rm_score" else key)
@@ -73,7 +62,7 @@ def collect(plan: "Plan") -> dict[str, dict[str, Any]]:
                     row[key] = value
             row["steps"] = own.get("steps")
         row["wall_s"] = own.get("wall_s")
-        stages[stage] = row
+        stages[stage.name] = row
     return stages
 
 
@@ -102,16 +91,16 @@ def check_targets(stages: dict[str, dict[str, Any]], total_wall_s: float) -> lis
     return out
 
 
-def draw_plots(plan: "Plan") -> list[Path]:
+def draw_plots(plan: Plan) -> list[Path]:
     """plots/<stage>.png (the curves that tell each stage's story) and plots/accuracy_vs_time.png."""
     out = []
-    for stage, keys in STAGE_PLOT_KEYS.items():
-        if (plan.dir(stage) / "metrics.jsonl").is_file():
-            path = plot_run(plan.dir(stage), keys=list(keys), out=plan.root / "plots" / f"{stage}.png",
-                            title=LABELS.get(stage, "reward model"))
+    for stage in STAGES:
+        if (plan.dir(stage.name) / "metrics.jsonl").is_file():
+            path = plot_run(plan.dir(stage.name), keys=list(stage.curves),
+                            out=plan.root / "plots" / f"{stage.name}.png", title=stage.label)
             if path is not None:
                 out.append(path)
-    runs = {LABELS[s]: plan.dir(s) for s in ("sft", "ppo", "grpo", "sft_control") if plan.dir(s).is_dir()}
+    runs = {s.label: plan.dir(s.name) for s in POLICIES if plan.dir(s.name).is_dir()}
     path = plot_against_time(runs, "eval/accuracy", plan.root / "plots" / "accuracy_vs_time.png",
                              "held-out greedy accuracy against training time")
     if path is not None:
@@ -136,10 +125,10 @@ def table(stages: dict[str, dict[str, Any]]) -> list[list[str]]:
     header = ["checkpoint", "held-out accuracy", "format rate", "mean reward", "RM score", "KL to SFT (nats)",
               "response length", "steps", "wall s"]
     rows = [header]
-    for stage in ("sft", "ppo", "grpo", "sft_control"):
-        if stage in stages:
-            r = stages[stage]
-            rows.append([LABELS[stage]] + [_cell(r.get(k), k) for k in POLICY_KEYS] +
+    for stage in POLICIES:
+        if stage.name in stages:
+            r = stages[stage.name]
+            rows.append([stage.label] + [_cell(r.get(k), k) for k in POLICY_KEYS] +
                         [_cell(r.get("steps")), _cell(r.get("wall_s"), "wall_s")])
     return rows
 
@@ -165,43 +154,32 @@ def render_markdown(stages, targets, plots: list[Path], root: Path, total_wall_s
     return "\n".join(lines) + "\n"
 
 
-def render_html(markdown_text: str, plots: list[Path], root: Path) -> str:
-    """report.md as a standalone page: tables as HTML tables, the PNGs embedded (base64)."""
-    body, in_table = [], False
-    for line in markdown_text.splitlines():
-        if line.startswith("|"):
-            cells = [c.strip() for c in line.strip("|").split("|")]
-            if set("".join(cells)) <= set("-"):
-                continue
-            if not in_table:
-                body.append("<table>")
-                in_table, tag = True, "th"
-            else:
-                tag = "td"
-            body.append("<tr>" + "".join(f"<{tag}>{html.escape(c).replace('**', '')}</{tag}>" for c in cells) + "</tr>")
-            continue
-        if in_table:
-            body.append("</table>")
-            in_table = False
-        if line.startswith("!["):
-            continue
-        if line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            body.append(f"<h{level}>{html.escape(line.lstrip('# '))}</h{level}>")
-        elif line:
-            body.append(f"<p>{html.escape(line)}</p>")
-    if in_table:
-        body.append("</table>")
-    for p in plots:
-        data = base64.b64encode(p.read_bytes()).decode()
-        body.append(f'<h3>{html.escape(p.stem)}</h3><img alt="{html.escape(p.stem)}" src="data:image/png;base64,{data}">')
+class _EmbedImages(Treeprocessor):
+    """Every image the page links to (plots/*.png, relative to the pipeline directory) inlined as a data: URI."""
+
+    def __init__(self, md: markdown.Markdown, root: Path):
+        super().__init__(md)
+        self.root = root
+
+    def run(self, tree: Element) -> None:
+        for img in tree.iter("img"):
+            path = self.root / img.get("src", "")
+            if path.is_file():
+                img.set("src", "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode())
+
+
+def render_html(markdown_text: str, root: Path) -> str:
+    """report.md as a standalone page: its tables as HTML tables, its plots embedded (base64)."""
+    md = markdown.Markdown(extensions=["tables"])
+    md.treeprocessors.register(_EmbedImages(md, root), "embed_images", 0)  # after "inline" (20) makes the <img>s
+    body = md.convert(markdown_text)
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{max-width:100%}")
     return f"<!doctype html><html><head><meta charset='utf-8'><title>rlhf pipeline report</title><style>{style}" \
-           f"</style></head><body>{''.join(body)}</body></html>\n"
+           f"</style></head><body>{body}</body></html>\n"
 
 
-def write_report(plan: "Plan", cfg: DictConfig, run_stage: Callable[[str, list[str]], Any],
+def write_report(plan: Plan, cfg: DictConfig, run_stage: Callable[[str, list[str]], Any],
                  echo: Callable[[str], None] = print) -> dict[str, Any]:
     began = time.time()
     evaluate_policies(plan, cfg, run_stage)
@@ -212,27 +190,25 @@ def write_report(plan: "Plan", cfg: DictConfig, run_stage: Callable[[str, list[s
     plots = draw_plots(plan)
     summary = {"stages": stages, "targets": targets, "total_wall_s": round(total, 1), "eval_wall_s": round(eval_s, 1)}
     (plan.root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    markdown = render_markdown(stages, targets, plots, plan.root, total)
-    (plan.root / "report.md").write_text(markdown)
-    (plan.root / "report.html").write_text(render_html(markdown, plots, plan.root))
-    echo("\n".join(line for line in markdown.splitlines() if line.startswith("|")))
+    page = render_markdown(stages, targets, plots, plan.root, total)
+    (plan.root / "report.md").write_text(page)
+    (plan.root / "report.html").write_text(render_html(page, plan.root))
+    echo("\n".join(line for line in page.splitlines() if line.startswith("|")))
     echo(f"pipeline: report in {plan.root / 'report.md'} (and report.html), summary in {plan.root / 'summary.json'}")
     return summary
 
 
 def redraw(run_dir: Path) -> list[Path]:
     """`rlhf plot`: a pipeline directory gets its plots and report pages again; a stage's run dir its curves.png."""
-    from rlhf.pipeline import Plan
-
     run_dir = Path(run_dir)
     if (run_dir / "pipeline.yaml").is_file():
         plan = Plan(run_dir, [])
         plots = draw_plots(plan)
         summary = _read(run_dir / "summary.json")
         if summary:
-            markdown = render_markdown(summary["stages"], summary["targets"], plots, run_dir, summary["total_wall_s"])
-            (run_dir / "report.md").write_text(markdown)
-            (run_dir / "report.html").write_text(render_html(markdown, plots, run_dir))
+            page = render_markdown(summary["stages"], summary["targets"], plots, run_dir, summary["total_wall_s"])
+            (run_dir / "report.md").write_text(page)
+            (run_dir / "report.html").write_text(render_html(page, run_dir))
         return plots
     path = plot_run(run_dir)
     return [path] if path is not None else []

@@ -7,6 +7,10 @@ reported is that stage's alone. Our phase times come from the stage's own metric
 time/logprob_s, time/reward_s, time/train_s); TRL's from timers around its trainers' own methods. Model FLOP
 utilisation divides the model's FLOPs (`forward_flops`) by the time and by a large matmul timed in the same run.
 Writes <out>/bench.json and prints the table; docs/performance.md explains every column.
+
+    .venv/bin/python scripts/bench.py --config-latency [--rounds 5]
+
+times how long a config error takes to answer (it should not wait for torch to import) and exits.
 """
 
 from __future__ import annotations
@@ -283,6 +287,30 @@ def step_rows(metrics_path: Path) -> list[dict[str, Any]]:
     return [r for r in rows if "samples_seen" in r and "time/step_s" in r]
 
 
+# ---- config-error latency -----------------------------------------------------------------------------------
+CONFIG_ERROR = ("grpo", "algo.loss_type=nope")  # a typo in a choice: the config composes, then is refused
+
+
+def median_wall_s(argv: list[str], runs: int, expect_exit: int = 0) -> float:
+    """Median wall seconds of `argv` over `runs` runs. Another exit code is an error: what ran is not what was meant
+    to be timed."""
+    times = []
+    for _ in range(runs):
+        began = time.perf_counter()
+        proc = subprocess.run(argv, capture_output=True, text=True)
+        times.append(time.perf_counter() - began)
+        if proc.returncode != expect_exit:
+            raise SystemExit(f"{' '.join(argv)} exited {proc.returncode}, expected {expect_exit}:\n"
+                             f"{proc.stderr[-2000:]}")
+    return statistics.median(times)
+
+
+def config_latency(runs: int = 5) -> dict[str, float]:
+    """How long a config error takes to answer, beside the import of torch alone (what it should not wait for)."""
+    return {"config_error_s": median_wall_s([sys.executable, "-m", "rlhf.cli", *CONFIG_ERROR], runs, expect_exit=2),
+            "import_torch_s": median_wall_s([sys.executable, "-c", "import torch"], runs)}
+
+
 # ---- summary ------------------------------------------------------------------------------------------------
 def summarise(stage: str, impl: str, rows: list[dict[str, Any]], w: Workload, vocab: int,
               peak_flops: float, rates: Optional[dict[str, float]] = None) -> dict[str, Any]:
@@ -533,6 +561,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for our stages (repeatable), e.g. trainer.shared_prefix=false to "
                              "measure a fast path against its absence; a stage whose config lacks the key fails")
+    parser.add_argument("--config-latency", action="store_true",
+                        help=f"only time a config error (rlhf {' '.join(CONFIG_ERROR)}) against python -c 'import "
+                             "torch', median of --rounds runs each (at least 3)")
     parser.add_argument("--trl-worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--spec", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -542,6 +573,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
     if args.trl_worker:
         return trl_worker(args.trl_worker, args.spec)
+    if args.config_latency:
+        latency = config_latency(max(args.rounds, 3))
+        print(f"config error (rlhf {' '.join(CONFIG_ERROR)}): {latency['config_error_s']:.2f} s; "
+              f"python -c 'import torch': {latency['import_torch_s']:.2f} s (medians)")
+        return
     import importlib.util
 
     import torch

@@ -16,6 +16,12 @@ from rlhf.errors import ConfigError
 from rlhf.registry import Registry
 
 
+STD_EPS = 1e-4
+"""Added to a reward std before dividing by it (TRL's value). With near-equal continuous rewards (std 1e-5, a
+reward model's scores of near-identical answers) 1e-6 would blow their differences up to advantages of about 1;
+1e-4 keeps them small."""
+
+
 @torch.no_grad()
 def gae(
     rewards: Tensor,
@@ -116,7 +122,7 @@ ADVANTAGE_ESTIMATORS: Registry[AdvantageEstimator] = Registry("advantage estimat
 
 
 @ADVANTAGE_ESTIMATORS.register("grpo")
-def group_advantages(rewards: Tensor, group_size: int, scale: Optional[str] = "group", eps: float = 1e-6,
+def group_advantages(rewards: Tensor, group_size: int, scale: Optional[str] = "group", eps: float = STD_EPS,
                      reduce: Optional[Reducer] = None) -> Tensor:
     """A_i = (r_i - mean(r_group)) / (std + eps), rewards [N] -> advantages [N], one per sample.
 
@@ -136,7 +142,7 @@ def group_advantages(rewards: Tensor, group_size: int, scale: Optional[str] = "g
 
 
 @ADVANTAGE_ESTIMATORS.register("rloo")
-def rloo_advantages(rewards: Tensor, group_size: int, scale: Optional[str] = "none", eps: float = 1e-6,
+def rloo_advantages(rewards: Tensor, group_size: int, scale: Optional[str] = "none", eps: float = STD_EPS,
                     reduce: Optional[Reducer] = None) -> Tensor:
     """A_i = r_i - (1 / (G - 1)) sum_{j != i} r_j: the mean reward of the other samples of the prompt as baseline.
 
@@ -151,7 +157,7 @@ def rloo_advantages(rewards: Tensor, group_size: int, scale: Optional[str] = "no
 
 @ADVANTAGE_ESTIMATORS.register("reinforce_pp")
 def reinforce_pp_advantages(
-    rewards: Tensor, group_size: int = 1, scale: Optional[str] = "batch", eps: float = 1e-6,
+    rewards: Tensor, group_size: int = 1, scale: Optional[str] = "batch", eps: float = STD_EPS,
     reduce: Optional[Reducer] = None,
 ) -> Tensor:
     """REINFORCE++ with global advantage normalisation (Hu et al. 2025, arXiv:2501.03262), sequence rewards [N].

@@ -16,6 +16,8 @@ from rlhf.registry import Registry
 # with r = pi_ref(y) / pi(y) = exp(-log_ratio).
 KLEstimator = Callable[[Tensor, float], Tensor]
 KL_ESTIMATORS: Registry[KLEstimator] = Registry("KL estimator")
+K3_MAX = 10.0
+"""Largest per-token value of k3 (veRL clamps its low-variance KL to +-10 for the same reason)."""
 
 
 @KL_ESTIMATORS.register("k1")
@@ -38,11 +40,13 @@ def k3(log_ratio: Tensor, log_ratio_clamp: float = 20.0) -> Tensor:
     """k3 = (r - 1) - log r = exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1. Unbiased, low variance, >= 0.
 
     GRPO's KL term (DeepSeekMath, arXiv:2402.03300, eq. 4). The log-ratio is clamped to +-log_ratio_clamp before
-    the exponential so that a token the reference finds far likelier cannot overflow.
+    the exponential so that a token the reference finds far likelier cannot overflow, and the value to
+    [0, K3_MAX] (as veRL's low_var_kl): at the log-ratio clamp exp(20) would still put 5e8 into the loss from one
+    token. A clamped token adds no gradient.
     """
     neg_log_ratio = (-log_ratio).clamp(-log_ratio_clamp, log_ratio_clamp)
     # expm1 keeps precision for ratios near 1, where exp(x) - 1 - x cancels; the clamp removes what rounding is left.
-    return (torch.expm1(neg_log_ratio) - neg_log_ratio).clamp_min(0.0)
+    return (torch.expm1(neg_log_ratio) - neg_log_ratio).clamp(0.0, K3_MAX)
 
 
 def kl_penalty(

@@ -56,3 +56,23 @@ def overlong_penalty(lengths: Tensor, max_len: int, buffer: int, penalty: float 
     lengths = lengths.to(torch.promote_types(lengths.dtype, torch.float32))
     soft = (max_len - buffer - lengths) / buffer
     return penalty * torch.where(lengths > max_len, torch.full_like(lengths, -1.0), soft.clamp(max=0.0))
+
+
+def cut_response_scores(scores: Tensor, truncated: Tensor, last_values: Tensor, truncation: str = "terminal"
+                        ) -> tuple[Tensor, Tensor]:
+    """How a response cut off by the length limit enters GAE: (scores [B], bootstrap values [B] for ``gae``).
+
+    "terminal" (TRL, veRL and OpenRLHF): the cut is the end of the episode. The score sits on the last generated
+    token and the value after it is 0, as for a response that ended with EOS.
+    "bootstrap": the episode goes on past the cut. A cut response has no score (the score of an unfinished answer
+    is not its return); its return continues with ``last_values``, the critic's V(s_T) after its last token.
+
+    Never both: a score at the cut plus gamma * V(s_T) on top counts the rest of the episode twice. ``scores``,
+    ``truncated`` (bool) and ``last_values`` are [B]; rows that ended with EOS are terminal under either choice.
+    """
+    if truncation == "terminal":
+        return scores, torch.zeros_like(last_values)
+    if truncation == "bootstrap":
+        zero = torch.zeros((), dtype=scores.dtype, device=scores.device)
+        return torch.where(truncated, zero, scores), torch.where(truncated, last_values, torch.zeros_like(last_values))
+    raise ValueError(f"unknown truncation {truncation!r}: terminal or bootstrap")

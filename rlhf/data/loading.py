@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import datasets
 from datasets import Dataset
@@ -25,6 +26,8 @@ from rlhf.errors import DataError
 FILE_TYPES = (".parquet", ".jsonl", ".json", ".csv")
 SPLIT_NAMES = ("train", "test", "validation", "valid", "eval", "dev")
 _UTF8_BOM = b"\xef\xbb\xbf"
+# data.eval_size left at its default is a wish, not a demand (see held_out_size).
+AUTO_EVAL_SIZE = 200
 
 BUILTIN_TASKS: dict[str, dict[str, Callable[[Any, str, int], list[dict]]]] = {
     "arithmetic": {
@@ -253,12 +256,30 @@ def _builtin(cfg: Any, kind: str, split: str, seed: int) -> Dataset:
     return rows_to_dataset(rows, f"built-in task {cfg.task!r}", _BUILTIN_COLUMNS[kind])
 
 
+def held_out_size(eval_size: Optional[int], rows: int, source: str) -> int:
+    """How many of `rows` to hold out for evaluation when there is no eval split.
+
+    data.eval_size=null (the default) adapts to the file: 10% of the rows, at least 1 and at most
+    AUTO_EVAL_SIZE, none from a one-row file, so a small file trains on most of its rows. Any other value is taken
+    as asked, and is an error only when it would leave no training rows."""
+    if eval_size is None:
+        return 0 if rows < 2 else min(AUTO_EVAL_SIZE, max(1, rows // 10))
+    if eval_size <= 0:
+        return 0
+    if eval_size >= rows:
+        raise DataError(
+            f"{source}: data.eval_size={eval_size} would leave no training rows out of {rows}; lower "
+            f"data.eval_size or set data.eval_split"
+        )
+    return eval_size
+
+
 def load_rows(cfg: Any, kind: str, split: str, seed: int) -> Dataset:
     """The canonical rows (see rlhf.data.formats) of `kind` for `split`.
 
     cfg: a DataConfig. kind: "sft" (demonstrations), "prompt" (RL prompts) or "preference".
     split: "train" or "eval". Without data.path, the built-in task's train/test sets. Otherwise data.split
-    for training; for eval, data.eval_split when set, else data.eval_size rows held out from data.split by
+    for training; for eval, data.eval_split when set, else held_out_size rows held out from data.split by
     a shuffle seeded with `seed` (the training rows then exclude them, in their original order).
     A missing held-out set (data.eval_size=0, or num_eval=0 for a built-in task) is an empty Dataset
     with the training columns, never None.
@@ -272,14 +293,17 @@ def load_rows(cfg: Any, kind: str, split: str, seed: int) -> Dataset:
     if split == "eval" and cfg.eval_split is not None:
         return _load_split(cfg, kind, cfg.eval_split)
     full = _load_split(cfg, kind, cfg.split)
-    if cfg.eval_split is not None or cfg.eval_size <= 0:
+    if cfg.eval_split is not None:
+        return full
+    size = held_out_size(cfg.eval_size, len(full), str(cfg.path))
+    # Said once: on the training load (which every stage does first), by rank 0 (every rank loads the same rows).
+    if split == "train" and cfg.eval_size is None and size != AUTO_EVAL_SIZE and os.environ.get("RANK", "0") == "0":
+        print(f"{cfg.path}: holding out {size} of its {len(full)} rows for evaluation, training on {len(full) - size} "
+              f"(data.eval_size=null adapts to the file: 10% of the rows, at least 1 of 2 or more, at most "
+              f"{AUTO_EVAL_SIZE}; set another value to hold out exactly that many)", flush=True)
+    if size == 0:
         return full if split == "train" else full.select([])
-    if cfg.eval_size >= len(full):
-        raise DataError(
-            f"{cfg.path}: data.eval_size={cfg.eval_size} would leave no training rows out of {len(full)}; lower "
-            f"data.eval_size or set data.eval_split"
-        )
-    held_out = set(random.Random(f"eval-holdout/{seed}").sample(range(len(full)), cfg.eval_size))
+    held_out = set(random.Random(f"eval-holdout/{seed}").sample(range(len(full)), size))
     indices = sorted(held_out) if split == "eval" else [i for i in range(len(full)) if i not in held_out]
     return full.select(indices)
 

@@ -44,6 +44,8 @@ def init_distributed(timeout_s: float = 300.0) -> None:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if os.environ.get("WORLD_SIZE") == "1":
+        _skip_shared_memory_comm()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     where = (f"rank {os.environ['RANK']} of {os.environ.get('WORLD_SIZE', '?')} on host {socket.gethostname()}, "
              f"waiting for rank 0 at {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}")
@@ -57,6 +59,18 @@ def init_distributed(timeout_s: float = 300.0) -> None:
                         "MASTER_ADDR:MASTER_PORT (firewall, hostfile, launcher.master_addr)") from None
     if world_size() > 1:
         _check_ranks_answer(timeout_s, where)
+
+
+def _skip_shared_memory_comm() -> None:
+    """Keep DeepSpeed from JIT-building its CPU shared-memory collective (30-90 s in a fresh environment) in a
+    process with no peer to share memory with.
+
+    deepspeed.comm builds it whenever its table of compatible ops says it can, whatever the world size. Marked
+    incompatible there, DeepSpeed's collectives go through torch.distributed, all that one process needs. The table
+    is probed once per process and kept, so the mark holds for every engine built later in this process."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def stale_build_locks(max_age_s: float = 900.0) -> list:

@@ -61,7 +61,9 @@ def load_tokenizer(model_cfg: Any, padding_side: str = "right") -> PreTrainedTok
     if source is None:
         tokenizer = build_char_tokenizer()
     else:
-        location = _resolve(source, "tokenizer")
+        # Without model.tokenizer the tokenizer is the one beside the model: a wrong path is the model's.
+        named = f"model.tokenizer={source}" if model_cfg.tokenizer else f"model.name_or_path={source}"
+        location = _resolve(source, named)
         if os.path.isdir(location) and not any(os.path.isfile(os.path.join(location, f)) for f in TOKENIZER_FILES):
             raise ModelError(
                 f"{location} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); "
@@ -70,7 +72,7 @@ def load_tokenizer(model_cfg: Any, padding_side: str = "right") -> PreTrainedTok
         try:
             tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=model_cfg.trust_remote_code)
         except OSError as error:
-            raise _unreachable(source, "tokenizer", error) from error
+            raise _unreachable(source, named, error) from error
         except ValueError as error:
             raise ModelError(f"cannot load a tokenizer from {source}: {_first_line(error)}") from error
     tokenizer.padding_side = padding_side
@@ -116,8 +118,11 @@ def load_reward_model(
         model = _classifier_from_causal_lm(causal, seed).to(dtype)
         _set_attn_implementation(model, model_cfg)
     else:
-        location = _resolve(model_cfg.name_or_path, "reward model")
-        config = _load_config(model_cfg.name_or_path, location, model_cfg)
+        # A bare path is some other setting (a saved critic's directory), not the `model` group's name_or_path.
+        named = (f"model.name_or_path={model_cfg.name_or_path}" if model_cfg is name_or_path_or_cfg
+                 else f"reward model {model_cfg.name_or_path}")
+        location = _resolve(model_cfg.name_or_path, named)
+        config = _load_config(model_cfg.name_or_path, location, model_cfg, named)
         if is_sequence_classifier(config) and config.num_labels != 1:
             raise ModelError(
                 f"{model_cfg.name_or_path} is a sequence classifier with {config.num_labels} labels; "
@@ -134,7 +139,7 @@ def load_reward_model(
                 f"transformers has no sequence-classification head for it ({_first_line(error)})"
             ) from error
         except OSError as error:
-            raise _unreachable(model_cfg.name_or_path, "reward model", error) from error
+            raise _unreachable(model_cfg.name_or_path, named, error) from error
     # A causal checkpoint's config still names the causal class until the classifier is saved.
     model.config.architectures = [type(model).__name__]
     if tokenizer is not None:
@@ -163,12 +168,13 @@ def _load_causal_lm(model_cfg: Any, tokenizer: PreTrainedTokenizerBase, seed: in
         model = build_tiny_model(model_cfg.tiny, tokenizer, seed).to(torch_dtype(model_cfg.dtype))
         _set_attn_implementation(model, model_cfg)
     else:
-        location = _resolve(model_cfg.name_or_path, "model")
+        named = f"model.name_or_path={model_cfg.name_or_path}"
+        location = _resolve(model_cfg.name_or_path, named)
         try:
             with _seeded(seed):
                 model = AutoModelForCausalLM.from_pretrained(location, **_load_options(model_cfg))
         except OSError as error:
-            raise _unreachable(model_cfg.name_or_path, "model", error) from error
+            raise _unreachable(model_cfg.name_or_path, named, error) from error
         except ValueError as error:
             raise ModelError(
                 f"{model_cfg.name_or_path} cannot be loaded as a causal language model: {_first_line(error)}"
@@ -218,11 +224,11 @@ def _set_attn_implementation(model: PreTrainedModel, model_cfg: Any) -> None:
             ) from error
 
 
-def _load_config(source: str, location: str, model_cfg: Any) -> Any:
+def _load_config(source: str, location: str, model_cfg: Any, named: str) -> Any:
     try:
         return AutoConfig.from_pretrained(location, trust_remote_code=model_cfg.trust_remote_code)
     except OSError as error:
-        raise _unreachable(source, "model", error) from error
+        raise _unreachable(source, named, error) from error
     except ValueError as error:
         raise ModelError(f"{source} holds no model config transformers understands: {_first_line(error)}") from error
 
@@ -233,27 +239,35 @@ def _as_model_config(source: Any) -> Any:
     return source
 
 
-def _resolve(source: str, what: str) -> str:
+def _resolve(source: str, named: str) -> str:
     """Local directories are used as they are; a path-like string that is not one fails here, before
-    transformers spends a minute retrying the hub for a name that can only be a typo'd path."""
+    transformers spends a minute retrying the hub for a name that can only be a typo'd path.
+
+    `named` says where `source` came from, e.g. "model.name_or_path=/data/llama" (the start of each message)."""
     expanded = os.path.expanduser(os.fspath(source))
     if os.path.isdir(expanded):
         return expanded
-    looks_local = (
-        os.path.isabs(expanded)
-        or expanded.startswith(".")
-        or expanded.count("/") > 1
-        or os.path.exists(expanded)
-    )
-    if looks_local:
-        raise ModelError(f"{what} {source} is neither a local directory nor a reachable Hugging Face hub id")
+    if os.path.exists(expanded):
+        raise ModelError(f"{named}: a file, not a directory; expected the directory that holds the model's "
+                         f"config.json and weights (or the tokenizer's files), or a Hugging Face hub id")
+    if os.path.isabs(expanded) or expanded.startswith(".") or expanded.count("/") > 1:
+        full = os.path.abspath(expanded)
+        raise ModelError(f"{named}: no such directory{f' ({full})' if full != source else ''}, and not a "
+                         f"Hugging Face hub id (those read `org/name`)")
     return expanded
 
 
-def _unreachable(source: str, what: str, error: BaseException) -> ModelError:
-    return ModelError(
-        f"{what} {source} is neither a local directory nor a reachable Hugging Face hub id ({_first_line(error)})"
-    )
+def _unreachable(source: str, named: str, error: BaseException) -> ModelError:
+    from huggingface_hub import constants
+
+    if os.path.isdir(os.path.expanduser(source)):
+        return ModelError(f"{named}: cannot load from this directory ({_first_line(error)})")
+    if constants.HF_HUB_OFFLINE:
+        return ModelError(f"{named}: no such local directory, and not a hub id in the Hugging Face cache, the only "
+                          f"place an offline run (HF_HUB_OFFLINE=1) loads from; give a local directory, or download "
+                          f"the model once online")
+    return ModelError(f"{named}: no such local directory, and not a hub id that loads ({_first_line(error)}); "
+                      f"check the name, the network, and HF_TOKEN for gated models")
 
 
 def _first_line(error: BaseException) -> str:

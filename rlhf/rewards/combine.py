@@ -58,6 +58,7 @@ class RewardResult:
     total: list[float]  # weighted sum per completion
     per_function: dict[str, list[float | None]]
     all_none: int  # completions no function applied to (scored 0)
+    errors: int = 0  # completions given reward.error_score because a function raised (reward.on_error=score)
 
 
 class RewardSet:
@@ -79,13 +80,44 @@ class RewardSet:
         self.funcs = [functions[n] if n in functions else resolve_reward_function(n, api) for n in names]
         self.weights = [float(w) for w in weights]
         self.on_error, self.error_score, self.time_limit_s = on_error, error_score, time_limit_s
-        self.errors = 0
+        # The learned reward model, when the set has one (the function named `model`): it scores raw prompt rows in
+        # its own training format, and the RL stages wrap it for ZeRO-3 and read its mean, std and weight.
+        self.model = functions.get("model")
+        self.model_weight = self.weights[self.names.index("model")] if self.model is not None else 0.0
+        self.sandbox = None  # the code reward's sandbox, when the set runs code (from_config)
+        self.errors = 0  # over the life of the set; each call's own count is in its RewardResult
+
+    @classmethod
+    def from_config(cls, r: Any, *, dtype: str = "fp32", batch_size: int = 16, device: Any = None) -> "RewardSet":
+        """The weighted reward functions of a `reward.*` config; the name `model` is the reward model at
+        reward.model_path (loaded here, scoring `batch_size` completions at a time), and `code` gets its sandbox's
+        limits from reward.code."""
+        functions = {}
+        if "model" in r.funcs:
+            if not r.model_path:
+                raise ConfigError("reward.funcs names `model` but reward.model_path is not set: point it at the "
+                                  "final/ directory of an `rlhf train-rm` run")
+            from rlhf.rewards.model import RewardModel
+
+            functions["model"] = RewardModel.from_pretrained(r.model_path, normalize=r.normalize, dtype=dtype,
+                                                             device=device, batch_size=batch_size)
+        elif r.model_path:
+            raise ConfigError(f"reward.model_path={r.model_path} is set but reward.funcs={list(r.funcs)} does not "
+                              "name `model`: add it (reward=model, or reward.funcs=[model,format])")
+        rewards = cls(r.funcs, r.weights, r.on_error, r.error_score, r.time_limit_s, api=r.get("api", "auto"),
+                      functions=functions)
+        if "code" in r.funcs:
+            from rlhf.rewards.code import configure_sandbox
+
+            rewards.sandbox = configure_sandbox(timeout_s=r.code.timeout_s, memory_mb=r.code.memory_mb,
+                                                max_procs=r.code.max_procs, max_workers=r.code.max_workers)
+        return rewards
 
     def _call(self, name: str, func: Callable, prompts: list, completions: list,
               columns: Mapping[str, list], rows: Sequence[Mapping[str, Any]] | None) -> list[float | None]:
         # A reward model renders the raw prompt rows in its own training format, not the policy's rendered text.
-        call = partial(func.score_completions, rows, completions) if rows is not None and hasattr(
-            func, "score_completions") else partial(func, prompts=prompts, completions=completions, **columns)
+        call = partial(func.score_completions, rows, completions) if rows is not None and func is self.model \
+            else partial(func, prompts=prompts, completions=completions, **columns)
         try:
             values = call_with_time_limit(call, self.time_limit_s)
         except TimeoutError:
@@ -122,6 +154,7 @@ class RewardSet:
     def __call__(self, prompts: list, completions: list, columns: Mapping[str, list[Any]],
                  rows: Sequence[Mapping[str, Any]] | None = None) -> RewardResult:
         """Score completions; `rows` (the raw prompt rows) are what a reward model scores from."""
+        errors_before = self.errors
         per_function = {n: self._call(n, f, prompts, completions, columns, rows)
                         for n, f in zip(self.names, self.funcs)}
         total, all_none = [], 0
@@ -130,4 +163,4 @@ class RewardSet:
                        if per_function[n][i] is not None]
             all_none += not applied
             total.append(sum(w * v for w, v in applied))
-        return RewardResult(total, per_function, all_none)
+        return RewardResult(total, per_function, all_none, self.errors - errors_before)

@@ -9,13 +9,20 @@ from __future__ import annotations
 
 import re
 from fractions import Fraction
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
-from rlhf.errors import RewardError
+from rlhf.errors import DataError, RewardError
 from rlhf.registry import Registry
 
 RewardFunc = Callable[..., list]
 REWARD_FUNCS: Registry[RewardFunc] = Registry("reward function")
+
+# The data columns a built-in rule cannot score without, and what each holds. Checked when the rows load
+# (check_columns), so a missing column fails before any generation rather than at the first reward call.
+REQUIRED_COLUMNS: dict[str, dict[str, str]] = {
+    "accuracy": {"answer": "the reference answer"},
+    "code": {"tests": "the test cases the code must pass"},
+}
 
 # The innermost <answer>...</answer> pairs: in "<answer><answer>5</answer></answer>" the answer is 5.
 _ANSWER_TAG = re.compile(r"<answer>((?:(?!<answer>).)*?)</answer>", re.DOTALL)
@@ -153,6 +160,21 @@ def _prompt_text(prompt: Any) -> str:
         content = prompt[-1].get("content")
         return content if isinstance(content, str) else ""
     return ""
+
+
+def check_columns(func_names: Iterable[str], columns: Iterable[str], source: str) -> None:
+    """Raise DataError, naming `source` (the data file or task), when a reward in `func_names` (reward.funcs) needs
+    a column that `columns` (those of the loaded rows) lacks. Rewards not in REQUIRED_COLUMNS are not checked."""
+    present = list(columns)
+    missing = [(name, column, meaning) for name in dict.fromkeys(func_names)
+               for column, meaning in REQUIRED_COLUMNS.get(name, {}).items() if column not in present]
+    if not missing:
+        return
+    needs = "; ".join(f"reward `{name}` needs column `{column}` ({meaning})" for name, column, meaning in missing)
+    mapping = ", ".join(f"{column}: <your column>" for column in dict.fromkeys(column for _, column, _ in missing))
+    rewards = ", ".join(dict.fromkeys(name for name, _, _ in missing))
+    raise DataError(f"{source}: {needs}, which the rows do not have; columns: {', '.join(present) or 'none'}. Map "
+                    f"yours with data.columns={{{mapping}}} or drop {rewards} from reward.funcs")
 
 
 def _column(columns: dict, name: str, n: int, reward: str) -> list:

@@ -115,17 +115,20 @@ def _response_logits(model, exp: Experience, shared_prefix: bool = False) -> Ten
 
 
 def response_logprobs(model, exp: Experience, temperature: float = 1.0, with_entropy: bool = False,
-                      shared_prefix: bool = False):
+                      shared_prefix: bool = False, entropy_grad: bool = False):
     """log pi(y_t | x, y_<t) for every response column [B, R] (and the entropy there if asked).
 
     Only the logits that predict response tokens are computed (`logits_to_keep`), and the log-softmax is
-    taken in chunks, so no [B, T, vocab] float32 tensor is held. shared_prefix: see _response_logit_blocks."""
+    taken in chunks, so no [B, T, vocab] float32 tensor is held. shared_prefix: see _response_logit_blocks.
+    The entropy is a statistic unless `entropy_grad` (an entropy bonus in the loss): its backward pass is a second
+    chunked pass over the logits, paid only when the gradient is wanted."""
     blocks = _response_logit_blocks(model, exp, shared_prefix)
     targets = exp.sequences[:, exp.prompt_width:].split([b.shape[1] for b in blocks], dim=1)
     logprobs = torch.cat([token_logprobs(b, y, temperature=temperature) for b, y in zip(blocks, targets)], dim=1)
     if not with_entropy:
         return logprobs, None
-    return logprobs, torch.cat([entropy_from_logits(b.detach(), temperature=temperature) for b in blocks], dim=1)
+    return logprobs, torch.cat([entropy_from_logits(b if entropy_grad else b.detach(), temperature=temperature)
+                                for b in blocks], dim=1)
 
 
 @torch.no_grad()

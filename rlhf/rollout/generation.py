@@ -18,11 +18,18 @@ _M32 = 0xFFFFFFFF
 
 @dataclass
 class SamplingParams:
-    max_new_tokens: int = 48
+    """How responses are drawn. No default length: it is the run's (rollout.max_new_tokens or
+    eval.max_new_tokens), read once into this record and from it everywhere else."""
+
+    max_new_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
     greedy: bool = False
+
+    @classmethod
+    def from_config(cls, rollout) -> "SamplingParams":
+        return cls(rollout.max_new_tokens, rollout.temperature, rollout.top_p, rollout.top_k)
 
 
 def response_lengths(responses: torch.Tensor, eos_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,6 +26,7 @@ from rlhf.errors import ConfigError, RLHFError
 from rlhf.logging import MetricLogger
 from rlhf.plotting import plot_run
 
+# What a run writes into run.dir; only checkpoints and final/ are work worth refusing to replace.
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints", "final")
 
 
@@ -200,11 +201,16 @@ class Trainer:
         resuming = run.resume not in (False, None, "false", "False", "")
         if dist.is_main():
             existing = [m for m in RUN_MARKERS if (self.run_dir / m).exists()]
+            checkpoints = self.run_dir / "checkpoints"
+            holds_work = (self.run_dir / "final").exists() or (checkpoints.is_dir() and any(checkpoints.iterdir()))
             if existing and not resuming:
-                if not run.overwrite:
+                if holds_work and not run.overwrite:
                     raise RLHFError(
                         f"run directory {self.run_dir} already holds a run ({', '.join(existing)}); resume it with "
                         "run.resume=true, replace it with run.overwrite=true, or choose another run.dir")
+                if not holds_work:  # a start that failed before its first checkpoint: nothing to keep
+                    self._info(f"run directory {self.run_dir} holds only {', '.join(existing)} of a run that stopped "
+                               "before its first checkpoint; replacing them")
                 for m in existing:
                     target = self.run_dir / m
                     shutil.rmtree(target) if target.is_dir() else target.unlink()

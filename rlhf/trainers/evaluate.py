@@ -20,10 +20,10 @@ from rlhf.data.loading import load_rows
 from rlhf.engine import distributed as dist
 from rlhf.errors import ConfigError, ModelError, RLHFError
 from rlhf.models.zoo import is_sequence_classifier, load_reference, load_reward_model, load_tokenizer
+from rlhf.rewards.combine import RewardSet
 from rlhf.rewards.model import RewardModelInfo, check_score
 from rlhf.trainers.base import default_run_dir
 from rlhf.trainers.evaluation import HeldOut, evaluate_policy
-from rlhf.trainers.rl import build_rewards
 from rlhf.trainers.reward import evaluate_preferences, load_preferences
 
 
@@ -123,6 +123,8 @@ class Evaluator:
         held_out = HeldOut.build(rows, tokenizer, cfg.data, cfg.eval.num_examples)
         if len(held_out) == 0:
             raise RLHFError("no held-out prompts to answer")
+        rewards = RewardSet.from_config(cfg.reward, dtype=cfg.model.dtype, batch_size=cfg.trainer.micro_batch_size,
+                                        device=dist.device())
         metrics = evaluate_policy(model, tokenizer, held_out, cfg.eval, samples_file=self.run_dir / "eval_samples.jsonl",
-                                  reference=reference, rewards=build_rewards(cfg, dist.device()))
+                                  reference=reference, rewards=rewards)
         return {"kind": "policy", "rows": len(held_out), **{k.removeprefix("eval/"): v for k, v in metrics.items()}}

@@ -14,12 +14,8 @@ import torch
 
 from rlhf.algos.advantages import ADVANTAGE_ESTIMATORS, zero_variance_groups
 from rlhf.engine import distributed as dist
-from rlhf.errors import ConfigError
 from rlhf.rollout.experience import batched_logprobs
 from rlhf.trainers.rl import RLTrainer, Samples, add, timed
-
-ZERO_VARIANCE = ("keep", "skip", "resample")
-
 
 class GRPOTrainer(RLTrainer):
     stage = "grpo"
@@ -27,19 +23,18 @@ class GRPOTrainer(RLTrainer):
 
     def _check_sizes(self) -> None:
         a = self.cfg.algo
-        if a.group_size < 2 and a.advantage != "reinforce_pp":
-            raise ConfigError(f"algo.group_size={a.group_size}: group-relative advantages need at least 2 "
-                              "responses per prompt (set algo.group_size>=2)")
-        if a.epsilon <= 0 or (a.epsilon_high is not None and a.epsilon_high <= 0):
-            raise ConfigError("algo.epsilon and algo.epsilon_high must be > 0")
-        if a.oversample < 1:
-            raise ConfigError(f"algo.oversample={a.oversample}: prompts drawn per round must be at least "
-                              "trainer.prompts_per_step (oversample >= 1)")
-        if a.zero_variance not in ZERO_VARIANCE:
-            raise ConfigError(f"algo.zero_variance={a.zero_variance!r}: expected one of {', '.join(ZERO_VARIANCE)}")
+        # choices, ranges and the group size are checked when the config is composed (rlhf.config)
         self.samples_per_prompt, self.passes = a.group_size, a.num_iterations
         self.needs_reference = a.beta > 0  # beta = 0 needs no reference: none is loaded
         super()._check_sizes()
+
+    def setup(self) -> None:
+        super().setup()
+        a = self.cfg.algo
+        if a.ratio_level == "sequence" and a.loss_type != "grpo":
+            self._info(f"warning: algo.ratio_level=sequence (GSPO) is defined with a per-response mean of the token "
+                       f"losses (algo.loss_type=grpo); algo.loss_type={a.loss_type} weighs the responses by their "
+                       "length instead")
 
     def collect(self, sums: dict[str, float]) -> tuple[Samples, torch.Tensor]:
         """This rank's groups for the step and a [N] mask of the responses that enter the loss.
@@ -85,15 +80,20 @@ class GRPOTrainer(RLTrainer):
             keep &= ~self.truncated(samples.responses)
         return keep
 
+    def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+        """algo.advantage over the step's groups; algo.scale_rewards=null leaves the estimator's own scale (group for
+        grpo, none for rloo, batch for reinforce_pp), a set one applies to every estimator."""
+        a = self.cfg.algo
+        return ADVANTAGE_ESTIMATORS.get(a.advantage)(rewards, a.group_size, scale=a.scale_rewards,
+                                                     reduce=dist.batch_reducer())
+
     def train_step(self) -> dict[str, Any]:
         cfg, a = self.cfg, self.cfg.algo
         sums: dict[str, float] = {}
         samples, keep = self.collect(sums)
         exp = self.pack(samples)
         # Resampling keeps whole groups only, so the advantages of a group are computed among its own samples.
-        exp.advantages = ADVANTAGE_ESTIMATORS.get(a.advantage)(
-            exp.rewards, a.group_size, scale=a.scale_rewards if a.advantage == "grpo" else None,
-            reduce=dist.batch_reducer())
+        exp.advantages = self.advantages(exp.rewards)
         loss_mask = exp.action_mask * keep[:, None]
         with timed(sums, "logprob_s"):
             if self.reference is not None:
@@ -106,8 +106,8 @@ class GRPOTrainer(RLTrainer):
         with timed(sums, "train_s"):
             for batch, mask, counts, _ in self.update_batches(exp, loss_mask):
                 loss = self.policy_loss(batch, mask, counts, sums, epsilon=a.epsilon, epsilon_high=a.epsilon_high,
-                                        loss_type=a.loss_type, kl_coef=a.beta, kl_estimator="k3",
-                                        ratio_level=a.ratio_level)
+                                        loss_type=a.loss_type, kl_coef=a.beta, kl_estimator=a.kl_estimator,
+                                        entropy_coef=a.entropy_coef, ratio_level=a.ratio_level)
                 norm = self.policy_backward(loss)
                 grad_norm = grad_norm if norm is None else norm
         s = self.reduce(sums)
@@ -116,7 +116,7 @@ class GRPOTrainer(RLTrainer):
         if "resample_rounds" in s:
             out["reward/resample_rounds"] = s["resample_rounds"] / self.world
         if self.reference is not None:
-            out["kl/k3"] = s.get("kl", 0.0) / max(s["tokens"], 1.0)
+            out[f"kl/{a.kl_estimator}"] = s.get("kl", 0.0) / max(s["tokens"], 1.0)
         out["grad_norm"] = grad_norm
         self.last_metrics = out
         return out
@@ -124,6 +124,7 @@ class GRPOTrainer(RLTrainer):
     def summary(self, final_eval: dict[str, float]) -> dict[str, Any]:
         last = getattr(self, "last_metrics", {})
         # kl: the exact KL to the reference on the held-out answers when measured, else the last step's k3 estimate
-        return {**super().summary(final_eval), "kl": final_eval.get("eval/kl", last.get("kl/k3")),
+        return {**super().summary(final_eval),
+                "kl": final_eval.get("eval/kl", last.get(f"kl/{self.cfg.algo.kl_estimator}")),
                 "reward": last.get("reward/mean")}
 

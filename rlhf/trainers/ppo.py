@@ -16,41 +16,26 @@ import torch
 
 from rlhf.algos.advantages import gae
 from rlhf.algos.aggregation import aggregate, masked_sum, masked_whiten, whiten
-from rlhf.algos.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_penalty
+from rlhf.algos.kl import AdaptiveKLController, FixedKLController, kl_penalty
 from rlhf.algos.policy import clipped_value_loss
-from rlhf.algos.reward_shaping import kl_shaped_rewards, place_sequence_rewards
+from rlhf.algos.reward_shaping import cut_response_scores, kl_shaped_rewards, place_sequence_rewards
 from rlhf.engine import checkpoint as ckpt
 from rlhf.engine import distributed as dist
 from rlhf.engine.engine import backward, build_engine, optimizer_step
 from rlhf.errors import ConfigError
-from rlhf.models.critic import CRITIC_INITS, build_critic
+from rlhf.models.critic import build_critic
+from rlhf.models.dropout import disable_dropout
 from rlhf.rollout.experience import Experience, batched_logprobs, batched_values, response_values
 from rlhf.trainers.rl import RLTrainer, Samples, add, timed
 from rlhf.trainers.sft import training_model_config
-
-KL_PLACES = ("reward", "loss")
-TRUNCATION = ("bootstrap", "terminal")
-PPO_LOSS_TYPES = ("token_mean", "seq_mean_token_mean")
 
 
 class PPOTrainer(RLTrainer):
     stage = "ppo"
 
     def _check_sizes(self) -> None:
-        a, c = self.cfg.algo, self.cfg.critic
-        for key, value, valid in (("algo.kl_in", a.kl_in, KL_PLACES), ("algo.truncation", a.truncation, TRUNCATION),
-                                  ("algo.loss_type", a.loss_type, PPO_LOSS_TYPES),
-                                  ("critic.init", c.init, ("auto", *CRITIC_INITS)),
-                                  ("algo.kl_estimator", a.kl_estimator, tuple(KL_ESTIMATORS))):
-            if value not in valid:
-                raise ConfigError(f"{key}={value!r}: expected one of {', '.join(valid)}")
-        if a.adaptive_kl and (a.kl_target <= 0 or a.kl_horizon <= 0):
-            raise ConfigError(f"algo.adaptive_kl needs algo.kl_target > 0 and algo.kl_horizon > 0, got "
-                              f"kl_target={a.kl_target}, kl_horizon={a.kl_horizon}")
-        if a.adaptive_kl and a.kl_coef <= 0:
-            raise ConfigError("algo.adaptive_kl steers algo.kl_coef multiplicatively: start it above 0")
-        if a.ppo_epochs < 1 or a.mini_batches < 1 or a.samples_per_prompt < 1:
-            raise ConfigError("algo.ppo_epochs, algo.mini_batches and algo.samples_per_prompt must be >= 1")
+        # choices, ranges and the adaptive-KL settings are checked when the config is composed (rlhf.config)
+        a = self.cfg.algo
         self.samples_per_prompt, self.passes, self.mini_batches = a.samples_per_prompt, a.ppo_epochs, a.mini_batches
         self.needs_reference = a.kl_coef > 0
         super()._check_sizes()
@@ -67,8 +52,10 @@ class PPOTrainer(RLTrainer):
         self.critic_init = init
         critic = build_critic(init, training_model_config(cfg.model), cfg.reward.model_path, self.tokenizer,
                               cfg.run.seed)
-        if init == "reward_model" and "model" in self.rewards.names:
+        if init == "reward_model" and self.rewards.model is not None:
             self._scale_critic_head(critic)
+        if cfg.trainer.disable_dropout:  # the value loss clips around the rollout's values: same function
+            disable_dropout(critic)
         self.critic = build_engine(critic, cfg, self.world, lr=cfg.critic.lr, grad_accum=self.grad_accum,
                                    optimizer_steps=cfg.trainer.max_steps * self.passes * self.mini_batches)
         self.engines["critic"] = self.critic
@@ -79,8 +66,7 @@ class PPOTrainer(RLTrainer):
         """A critic copied from the reward model predicts raw scores; the rewards it must predict are the model's
         scores x its weight in reward.funcs, standardised when reward.normalize is on. Rescale the head to that
         scale (the head has no bias in most decoders, so the mean offset is left for the critic to learn)."""
-        index = self.rewards.names.index("model")
-        model, weight = self.rewards.funcs[index], self.rewards.weights[index]
+        model, weight = self.rewards.model, self.rewards.model_weight
         with torch.no_grad():
             critic.value_head.weight.mul_(weight / model.std)
             if critic.value_head.bias is not None:
@@ -97,11 +83,6 @@ class PPOTrainer(RLTrainer):
         exp = self.pack(samples)
         dense = self.dense_rewards(samples, exp) if cfg.reward.dense else None
         scores = exp.rewards if dense is None else exp.rewards - dense.sum(-1)
-        if a.reward_clip is not None:
-            scores = scores.clamp(-a.reward_clip, a.reward_clip)
-        scores = scores - a.missing_eos_penalty * exp.truncated.float()
-        if a.whiten_rewards:
-            scores = whiten(scores, shift_mean=False, reduce=dist.batch_reducer())
         mask = exp.action_mask
         with timed(sums, "logprob_s"):
             exp.old_logprobs = batched_logprobs(self.engine.module, exp, mb, cfg.rollout.temperature,
@@ -110,6 +91,12 @@ class PPOTrainer(RLTrainer):
             if self.reference is not None:
                 exp.ref_logprobs = batched_logprobs(self.reference, exp, mb, cfg.rollout.temperature,
                                                     self.shared_prefix)
+        if a.reward_clip is not None:
+            scores = scores.clamp(-a.reward_clip, a.reward_clip)
+        scores, bootstrap = cut_response_scores(scores, exp.truncated, last_values, a.truncation)
+        scores = scores - a.missing_eos_penalty * exp.truncated.float()
+        if a.whiten_rewards:
+            scores = whiten(scores, shift_mean=False, reduce=dist.batch_reducer())
         kl = torch.zeros_like(mask)
         if self.reference is not None:
             kl = kl_penalty(exp.old_logprobs, exp.ref_logprobs, a.kl_estimator, mask)
@@ -123,9 +110,6 @@ class PPOTrainer(RLTrainer):
             rewards = place_sequence_rewards(scores, mask)
         if dense is not None:
             rewards = rewards + dense
-        # A response cut off by the length limit has not ended: its return continues past the cut, estimated by
-        # the critic's value of the last state. Ended responses (EOS) are terminal: V after them is 0.
-        bootstrap = last_values * exp.truncated.float() if a.truncation == "bootstrap" else None
         advantages, exp.returns = gae(rewards, exp.values, mask, a.gamma, a.lam, bootstrap)
         exp.advantages = masked_whiten(advantages, mask, reduce=dist.batch_reducer()) if a.whiten_advantages \
             else advantages
@@ -141,9 +125,9 @@ class PPOTrainer(RLTrainer):
         """The reward model's share of each response's reward spread over its tokens, [B, R]: weight x per-token
         reward / std, with -weight x mean / std on the last token, so a response's total reward is unchanged
         and only its credit assignment moves (Christiano et al. 2017's summed per-token form)."""
-        if "model" not in self.rewards.names:
+        model = self.rewards.model
+        if model is None:
             raise ConfigError("reward.dense=true needs the reward model among reward.funcs (reward=model)")
-        model = self.rewards.funcs[self.rewards.names.index("model")]
         if model.info.score != "sum":
             raise ConfigError(f"reward.dense=true needs a reward model trained with algo.score=sum (its per-token "
                               f"rewards add up to its score); {self.cfg.reward.model_path} reads its "
@@ -153,7 +137,7 @@ class PPOTrainer(RLTrainer):
                 raise ConfigError("reward.dense=true needs the reward model to share the policy's tokenizer (its "
                                   "rewards are read on the policy's tokens)")
             self._same_vocab = True
-        weight = self.rewards.weights[self.rewards.names.index("model")]
+        weight = self.rewards.model_weight
         texts = self.tokenizer.batch_decode(samples.responses, skip_special_tokens=True)
         per_token = model.per_token_rewards([self.rows[i] for i in samples.rows], texts, samples.responses)
         dense = torch.zeros_like(exp.action_mask)
@@ -217,9 +201,10 @@ class PPOTrainer(RLTrainer):
 
     # ---- state ---------------------------------------------------------------------------------------
     def extra_state(self) -> dict[str, Any]:
-        return {"kl_coef": self.kl_ctl.state_dict()}
+        return {**super().extra_state(), "kl_coef": self.kl_ctl.state_dict()}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
+        super().load_extra_state(state)
         if "kl_coef" in state:
             self.kl_ctl.load_state_dict(state["kl_coef"])
 

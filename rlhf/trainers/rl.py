@@ -21,8 +21,10 @@ from rlhf.data.tokenize import encode_rows, render_prompt
 from rlhf.engine import distributed as dist
 from rlhf.engine.engine import backward, build_engine, frozen_model, optimizer_step, zero_stage
 from rlhf.errors import ConfigError, DataError
+from rlhf.models.dropout import disable_dropout
 from rlhf.models.zoo import load_policy, load_reference, load_tokenizer
 from rlhf.rewards.combine import RewardSet
+from rlhf.rewards.rules import check_columns
 from rlhf.rollout.experience import Experience, build_experience, response_logprobs
 from rlhf.rollout.generation import SamplingParams, generate, sample_seeds
 from rlhf.trainers.base import Trainer
@@ -51,30 +53,6 @@ class Samples:
                        self.rewards + other.rewards, self.rows + other.rows)
 
 
-def build_rewards(cfg, device: torch.device) -> RewardSet:
-    """The weighted reward functions of `reward.*`; the name `model` is the reward model at reward.model_path."""
-    r = cfg.reward
-    functions = {}
-    if "model" in r.funcs:
-        if not r.model_path:
-            raise ConfigError("reward.funcs names `model` but reward.model_path is not set: point it at the "
-                              "final/ directory of an `rlhf train-rm` run")
-        from rlhf.rewards.model import RewardModel
-
-        functions["model"] = RewardModel.from_pretrained(r.model_path, normalize=r.normalize, dtype=cfg.model.dtype,
-                                                         device=device, batch_size=cfg.trainer.micro_batch_size)
-    if "code" in r.funcs:
-        from rlhf.rewards.code import configure_sandbox
-
-        configure_sandbox(timeout_s=r.code.timeout_s, memory_mb=r.code.memory_mb, max_procs=r.code.max_procs,
-                          max_workers=r.code.max_workers)
-    if r.model_path and "model" not in r.funcs:
-        raise ConfigError(f"reward.model_path={r.model_path} is set but reward.funcs={list(r.funcs)} does not "
-                          "name `model`: add it (reward=model, or reward.funcs=[model,format])")
-    return RewardSet(r.funcs, r.weights, r.on_error, r.error_score, r.time_limit_s, api=r.get("api", "auto"),
-                     functions=functions)
-
-
 class RLTrainer(Trainer):
     """Subclasses set `samples_per_prompt`, `passes`, `mini_batches` and `needs_reference`, and implement
     `train_step` from `collect`, `update_batches` and `policy_loss`."""
@@ -84,6 +62,11 @@ class RLTrainer(Trainer):
     mini_batches: int = 1
     needs_reference: bool = True
     samples_label: str = ""  # how the batch line names the samples per prompt ("group " in GRPO)
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.reward_totals = {"reward_errors": 0, "all_none": 0}
+        self._warned_all_none = False
 
     def _check_sizes(self) -> None:
         t = self.cfg.trainer
@@ -120,17 +103,22 @@ class RLTrainer(Trainer):
         if dropped:
             self._info(f"dropped {dropped} of {len(rows)} prompts longer than data.max_prompt_length")
         self.rows = [rows[i] for i in kept]
+        check_columns(cfg.reward.funcs, self.rows[0], source)  # before the policy loads, not after sampling
         self.prompt_ids = [e.prompt_ids for e in encoded]
         self.prompt_texts = [render_prompt(r, self.tokenizer, cfg.data)[0] for r in self.rows]
         eval_rows = list(load_rows(cfg.data, "prompt", "eval", cfg.run.seed))
         self.held_out = HeldOut.build(eval_rows, self.tokenizer, cfg.data, cfg.eval.num_examples)
         self.sampler = StepSampler(len(self.rows), cfg.run.seed)
         policy = load_policy(training_model_config(cfg.model), self.tokenizer, cfg.run.seed)
+        if cfg.trainer.disable_dropout and disable_dropout(policy):
+            self._info("dropout switched off in the policy (trainer.disable_dropout): the update's log-probs are "
+                       "those of the rollout")
         self.engine = build_engine(policy, cfg, self.world, grad_accum=self.grad_accum,
                                    optimizer_steps=cfg.trainer.max_steps * self.passes * self.mini_batches)
         self.engines = {"policy": self.engine}
-        self.rewards = build_rewards(cfg, self.engine.device)
-        scorer = next((f for f in self.rewards.funcs if hasattr(f, "classifier")), None)  # the reward model
+        self.rewards = RewardSet.from_config(cfg.reward, dtype=cfg.model.dtype, batch_size=cfg.trainer.micro_batch_size,
+                                             device=self.engine.device)
+        scorer = self.rewards.model
         if scorer is not None:
             scorer.classifier = frozen_model(scorer.classifier, cfg, self.world, self.engine.device)
         self.reference = frozen_model(load_reference(cfg.model, self.tokenizer, cfg.run.seed), cfg, self.world,
@@ -140,8 +128,7 @@ class RLTrainer(Trainer):
                   if m is not None and any(hasattr(p, "ds_id") for p in m.parameters())]  # ZeRO-3's parameters
         if frozen:
             self._info(f"{' and '.join(frozen)} partitioned over {self.world} process(es) (ZeRO-3 inference engine)")
-        r = cfg.rollout
-        self.sampling = SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k)
+        self.sampling = SamplingParams.from_config(cfg.rollout)
         self.shared_prefix = self.shares_prefixes()
 
     # ---- experience --------------------------------------------------------------------------------
@@ -173,13 +160,18 @@ class RLTrainer(Trainer):
         lengths = torch.tensor([len(r) for r in responses], dtype=torch.float32)
         truncated = self.truncated(responses).float()
         if cfg.reward.overlong_buffer > 0:
-            penalty = overlong_penalty(lengths, cfg.rollout.max_new_tokens, cfg.reward.overlong_buffer,
+            penalty = overlong_penalty(lengths, self.sampling.max_new_tokens, cfg.reward.overlong_buffer,
                                        cfg.reward.overlong_penalty)
             total = total + penalty
             add(sums, {"fn/overlong": float(penalty.sum()), "fn_n/overlong": float(len(responses))})
         add(sums, {"reward": float(total.sum()), "reward_sq": float((total ** 2).sum()), "n": float(len(total)),
                    "length": float(lengths.sum()), "truncated": float(truncated.sum()),
-                   "all_none": float(scored.all_none)})
+                   "all_none": float(scored.all_none), "reward_errors": float(scored.errors)})
+        if responses and scored.all_none == len(responses) and not self._warned_all_none:
+            self._warned_all_none = True
+            self._info(f"warning: no reward function in reward.funcs={list(cfg.reward.funcs)} applied to any of "
+                       f"{len(responses)} completions (each returned None): they are all scored 0 and the step "
+                       "learns nothing. Counted in reward/all_none; said once.")
         sums["length_max"] = max(sums.get("length_max", 0.0), float(lengths.max()) if len(lengths) else 0.0)
         for name, values in scored.per_function.items():
             applied = [v for v in values if v is not None]
@@ -188,13 +180,13 @@ class RLTrainer(Trainer):
 
     def truncated(self, responses: list[list[int]]) -> torch.Tensor:
         """[N] bool: the response hit rollout.max_new_tokens without ending in EOS (as build_experience marks it)."""
-        eos, limit = self.tokenizer.eos_token_id, self.cfg.rollout.max_new_tokens
+        eos, limit = self.tokenizer.eos_token_id, self.sampling.max_new_tokens
         return torch.tensor([(not r or r[-1] != eos) and len(r) >= limit for r in responses], dtype=torch.bool)
 
     def pack(self, samples: Samples) -> Experience:
         """The padded experience of `samples`, its sequence rewards attached."""
         exp = build_experience(samples.prompt_ids, samples.responses, self.tokenizer.pad_token_id,
-                               self.tokenizer.eos_token_id, self.cfg.rollout.max_new_tokens)
+                               self.tokenizer.eos_token_id, self.sampling.max_new_tokens)
         exp.rewards = torch.tensor(samples.rewards, dtype=torch.float32)
         return exp
 
@@ -222,7 +214,7 @@ class RLTrainer(Trainer):
         """The clipped-ratio loss of one micro-batch (plus kl_coef * KL to the reference and the entropy bonus),
         scaled so that the micro-batches of an update add up to its loss; statistics are added to `totals`."""
         logprobs, entropy = response_logprobs(self.engine, batch, self.cfg.rollout.temperature, with_entropy=True,
-                                              shared_prefix=self.shared_prefix)
+                                              shared_prefix=self.shared_prefix, entropy_grad=entropy_coef != 0)
         old = batch.old_logprobs if batch.old_logprobs is not None else logprobs.detach()
         per_token, stats = clipped_policy_loss(logprobs, old, batch.advantages, mask, epsilon, epsilon_high,
                                                dual_clip=dual_clip, ratio_level=ratio_level)
@@ -233,9 +225,9 @@ class RLTrainer(Trainer):
         if entropy_coef:
             per_token = per_token - entropy_coef * entropy
         loss = aggregate(per_token, mask, loss_type, num_tokens=max(counts["tokens"], 1.0),
-                         max_len=self.cfg.rollout.max_new_tokens, num_seqs=max(counts["seqs"], 1.0))
+                         max_len=self.sampling.max_new_tokens, num_seqs=max(counts["seqs"], 1.0))
         n = float(mask.sum())
-        add(totals, {"loss": loss.item(), "entropy": float(masked_sum(entropy, mask)),
+        add(totals, {"loss": loss.item(), "entropy": float(masked_sum(entropy.detach(), mask)),
                      "clip_low": float(stats["clip_frac_low"]) * n, "clip_high": float(stats["clip_frac_high"]) * n,
                      "approx_kl": float(stats["approx_kl"]) * n, "tokens": n})
         return loss * self.micro_batch_scale(loss_type)
@@ -261,7 +253,7 @@ class RLTrainer(Trainer):
         mean = s["reward"] / n
         out = {"loss": self.mean_loss(s.get("loss", 0.0), loss_type),
                "reward/mean": mean, "reward/std": max(s["reward_sq"] / n - mean ** 2, 0.0) ** 0.5,
-               "reward/all_none": s["all_none"], "entropy": s.get("entropy", 0.0) / tokens,
+               "reward/all_none": s["all_none"], "reward/errors": s["reward_errors"], "entropy": s.get("entropy", 0.0) / tokens,
                "clip_frac/low": s.get("clip_low", 0.0) / tokens, "clip_frac/high": s.get("clip_high", 0.0) / tokens,
                "policy/approx_kl": s.get("approx_kl", 0.0) / tokens,
                "response/length_mean": s["length"] / n, "response/length_max": s["length_max"],
@@ -271,7 +263,22 @@ class RLTrainer(Trainer):
         for key in [k for k in s if k.startswith("fn/")]:
             name = key.removeprefix("fn/")
             out[f"reward/{name}"] = s[key] / max(s[f"fn_n/{name}"], 1.0)
+        for key in self.reward_totals:
+            self.reward_totals[key] += int(s[key])
         return out
+
+    # Completions over the whole run (resumed runs included) that a reward function raised on (scored
+    # reward.error_score) or that no function applied to (scored 0): summary.json's reward_errors / reward_all_none.
+    def extra_state(self) -> dict[str, Any]:
+        return {"reward_totals": dict(self.reward_totals)}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.reward_totals.update(state.get("reward_totals", {}))
+
+    def summary(self, final_eval: dict[str, float]) -> dict[str, Any]:
+        totals = self.reward_totals
+        return {**super().summary(final_eval), "reward_errors": totals["reward_errors"],
+                "reward_all_none": totals["all_none"]}
 
     def reduce(self, sums: dict[str, float]) -> dict[str, float]:
         """Sum over ranks; the longest response and the phase times (ranks run each phase at once) are maxima."""

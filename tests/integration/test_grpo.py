@@ -29,10 +29,11 @@ def test_grpo_end_to_end_from_an_sft_checkpoint(tmp_path, fast, sft_checkpoint):
     for r in train:
         for key in ("loss", "reward/accuracy", "reward/format", "reward/std", "reward/zero_variance_frac",
                     "kl/k3", "entropy", "clip_frac/low", "clip_frac/high", "response/length_mean",
-                    "response/truncation_rate", "time/step_s"):
+                    "response/truncation_rate", "time/step_s", "reward/errors", "reward/all_none"):
             assert key in r, key
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["stage"] == "grpo" and 0.0 <= summary["accuracy"] <= 1.0
+    assert summary["reward_errors"] == 0 and summary["reward_all_none"] == sum(r["reward/all_none"] for r in train)
     AutoModelForCausalLM.from_pretrained(run_dir / "final")
 
 

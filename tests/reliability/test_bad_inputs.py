@@ -150,6 +150,11 @@ def case_eval_missing_model(tmp):
     return ["eval", f"model.name_or_path={tmp}/nope", "data=local", f"data.path={data}"], [f"{tmp}/nope"]
 
 
+def case_prompts_without_the_answer_the_accuracy_reward_needs(tmp):
+    data = _jsonl(tmp / "p.jsonl", [{"prompt": f"{i}+1=", "gold": str(i + 1)} for i in range(8)])
+    return ["grpo", "data=local", f"data.path={data}", "data.eval_size=2"], ["p.jsonl", "`accuracy`", "`answer`"]
+
+
 CASES = {name.removeprefix("case_"): fn for name, fn in globals().items() if name.startswith("case_")}
 
 

@@ -157,3 +157,19 @@ def test_rounds_take_the_median_of_paired_ratios_and_the_median_run():
     chosen = {r["impl"]: r for r in bench.median_runs(results)}
     assert chosen["ours"]["round"] == 2 and chosen["trl"]["round"] == 2  # 1.1 s of 1.0, 1.1, 2.0
     assert chosen["ours"]["rounds_samples_per_s"] == [12.0, 6.0, 11.0]
+
+
+def test_median_wall_s_times_a_command_and_checks_its_exit_code():
+    seconds = bench.median_wall_s([sys.executable, "-c", "import sys; sys.exit(2)"], runs=3, expect_exit=2)
+    assert 0 < seconds < 30
+    with pytest.raises(SystemExit, match="exited 0, expected 2"):
+        bench.median_wall_s([sys.executable, "-c", "pass"], runs=1, expect_exit=2)
+
+
+def test_config_latency_times_the_config_error_and_torch(monkeypatch):
+    timed = []
+    monkeypatch.setattr(bench, "median_wall_s", lambda argv, runs, expect_exit=0: timed.append(
+        (argv[1:], runs, expect_exit)) or 1.0)
+    assert bench.config_latency(runs=4) == {"config_error_s": 1.0, "import_torch_s": 1.0}
+    assert timed == [(["-m", "rlhf.cli", "grpo", "algo.loss_type=nope"], 4, 2), (["-c", "import torch"], 4, 0)]
+    assert bench.parse_args(["--config-latency"]).config_latency

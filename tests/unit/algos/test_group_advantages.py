@@ -21,9 +21,18 @@ from rlhf.errors import ConfigError
 def test_grpo_hand_numbers_with_a_zero_variance_group():
     rewards = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0, 1.0])
     advantages = group_advantages(rewards, group_size=4)
-    a = 0.5 / math.sqrt(1 / 3)  # (1 - 0.5) / sample std of [1, 0, 1, 0]
+    a = 0.5 / (math.sqrt(1 / 3) + 1e-4)  # (1 - 0.5) / (sample std of [1, 0, 1, 0] + eps)
     assert advantages.tolist() == pytest.approx([a, -a, a, -a, 0, 0, 0, 0], abs=1e-5)
     assert torch.isfinite(advantages).all()
+
+
+def test_near_equal_continuous_rewards_stay_small_advantages():
+    # a reward model scoring four near-identical answers: differences of 1e-5 are noise, not signal
+    rewards = torch.tensor([0.50001, 0.5, 0.50002, 0.49999, 1.0, 0.0, 1.0, 0.0], dtype=torch.float64)
+    advantages = group_advantages(rewards, group_size=4)
+    assert advantages[:4].abs().max() < 0.15  # eps 1e-6 gave 0.9-1.1, the size of a real right/wrong split
+    assert advantages[4:].abs().min() > 0.8
+    assert rloo_advantages(rewards, 4, scale="group")[:4].abs().max() < 0.2
 
 
 def test_grpo_scales_group_batch_none():

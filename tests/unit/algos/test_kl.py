@@ -7,7 +7,7 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from rlhf.algos.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_penalty
+from rlhf.algos.kl import K3_MAX, KL_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_penalty
 from rlhf.errors import ConfigError
 
 
@@ -52,7 +52,16 @@ def test_mask_and_clamp():
         (grad,) = torch.autograd.grad(kl.sum(), logprobs)
         assert torch.isfinite(grad).all() and grad[0, 1].item() == 0.0
     clamped = kl_penalty(logprobs, ref_logprobs, "k3", action_mask=mask, log_ratio_clamp=20.0)
-    assert clamped[1, 0].item() == pytest.approx(math.exp(20.0) - 21.0)
+    # the log-ratio is clamped at 20, and k3's value at 10: one token cannot put exp(20) = 5e8 into the loss
+    assert clamped[1, 0].item() == K3_MAX == 10.0
+    assert kl_penalty(torch.tensor([-1.0]), torch.tensor([1.0]), "k3").item() == pytest.approx(math.exp(2.0) - 3.0)
+
+
+def test_a_clamped_k3_token_adds_no_gradient():
+    logprobs = torch.tensor([-30.0, -1.0], requires_grad=True)
+    kl = kl_penalty(logprobs, torch.tensor([-1.0, -1.5]), "k3")
+    (grad,) = torch.autograd.grad(kl.sum(), logprobs)
+    assert kl[0].item() == K3_MAX and grad[0].item() == 0.0 and grad[1].item() != 0.0
 
 
 def test_adaptive_controller_moves_towards_the_target():

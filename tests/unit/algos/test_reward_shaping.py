@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from rlhf.algos.reward_shaping import kl_shaped_rewards, place_sequence_rewards
+from rlhf.algos.advantages import gae
+from rlhf.algos.reward_shaping import cut_response_scores, kl_shaped_rewards, place_sequence_rewards
 
 
 def test_score_lands_on_the_last_real_token_never_on_padding():
@@ -43,3 +44,26 @@ def test_overlong_penalty_is_zero_then_linear_over_the_buffer():
     torch.testing.assert_close(overlong_penalty(lengths, 20, 4, penalty=0.5)[-1], torch.tensor(-0.5))
     with pytest.raises(ValueError, match="overlong buffer"):
         overlong_penalty(lengths, 20, 0)
+
+
+def test_a_truncated_response_is_counted_once_terminal_or_bootstrapped():
+    """Row 0 was cut by the length limit after 2 tokens (score 1.0, V = 0.5 and 0.8 before its tokens, V(s_T) = 0.9
+    after the last); row 1 ended with EOS (score 2.0). gamma = lam = 1, no KL."""
+    scores, truncated = torch.tensor([1.0, 2.0]), torch.tensor([True, False])
+    values, last_values = torch.tensor([[0.5, 0.8], [1.0, 1.5]]), torch.tensor([0.9, 0.7])
+    mask = torch.ones(2, 2)
+
+    def returns_and_advantages(truncation):
+        s, bootstrap = cut_response_scores(scores, truncated, last_values, truncation)
+        advantages, returns = gae(place_sequence_rewards(s, mask), values, mask, 1.0, 1.0, bootstrap)
+        return sum(returns.tolist(), []), advantages.tolist()
+
+    # terminal: the score at the cut is the return; V after it is 0
+    returns, advantages = returns_and_advantages("terminal")
+    assert returns == pytest.approx([1.0, 1.0, 2.0, 2.0]) and advantages[0] == pytest.approx([0.5, 0.2])
+    # bootstrap: no score at the cut, the return is V(s_T); the row that ended is untouched
+    returns, advantages = returns_and_advantages("bootstrap")
+    assert returns == pytest.approx([0.9, 0.9, 2.0, 2.0]) and advantages[0] == pytest.approx([0.4, 0.1])
+    # never the score plus V(s_T) (1.9): the rest of the episode counted twice
+    with pytest.raises(ValueError, match="terminal or bootstrap"):
+        cut_response_scores(scores, truncated, last_values, "both")

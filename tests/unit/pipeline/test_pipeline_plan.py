@@ -5,7 +5,8 @@ from omegaconf import OmegaConf
 
 from rlhf.config import load_config
 from rlhf.errors import ConfigError
-from rlhf.pipeline import as_overrides, check_stages, flatten, inputs, section_overrides
+from rlhf.plan import (POLICIES, STAGES, applies, as_overrides, check_stages, eval_data_overrides, flatten, inputs,
+                       section_overrides)
 from rlhf.report import check_targets, table
 
 
@@ -44,10 +45,10 @@ def test_stage_inputs_follow_the_recipe():
 
 
 def test_unknown_stages_are_refused():
-    with pytest.raises(ConfigError, match="unknown stage"):
-        check_stages(load_config("pipeline", ["pipeline.stages=[sft,dpo]"]))
+    with pytest.raises(ConfigError, match=r"pipeline.stages\[1\]='dpo': expected one of sft, train_rm"):
+        load_config("pipeline", ["pipeline.stages=[sft,dpo]"])
     with pytest.raises(ConfigError, match="pipeline.force"):
-        check_stages(load_config("pipeline", ["pipeline.force=[everything]"]))
+        load_config("pipeline", ["pipeline.force=[everything]"])
     assert check_stages(load_config("pipeline", ["pipeline.stages=[grpo,sft]"])) == ["sft", "grpo"]
 
 
@@ -65,10 +66,30 @@ def test_targets_compare_with_sft_and_the_control():
 
 
 def test_common_overrides_reach_the_stages_that_have_the_key():
-    from rlhf.pipeline import applies
-
     assert applies("grpo", "rollout.max_new_tokens") and not applies("sft", "rollout.max_new_tokens")
     assert applies("sft", "trainer.lr") and applies("train_rm", "model.tiny.hidden_size")
     assert not applies("sft", "trainer.prompts_per_step") and applies("ppo", "trainer.prompts_per_step")
     assert applies("sft", "data.columns.prompt")  # free-form mapping
     assert applies("ppo", "deepspeed")  # a group choice
+
+
+def test_stages_are_listed_once_in_pipeline_order():
+    assert [s.name for s in STAGES] == ["sft", "train_rm", "ppo", "grpo", "sft_control"]
+    assert [s.name for s in POLICIES] == ["sft", "ppo", "grpo", "sft_control"]
+    assert {s.name: s.command for s in STAGES}["sft_control"] == "sft"
+    assert [r[0] for r in table({s.name: {} for s in STAGES})[1:]] == [s.label for s in POLICIES]
+
+
+def test_the_cli_still_finds_section_overrides_in_the_pipeline_module():
+    from rlhf.pipeline import run_pipeline, section_overrides as from_pipeline
+
+    assert from_pipeline is section_overrides and callable(run_pipeline)
+
+
+def test_the_report_evaluates_on_the_pipelines_own_data():
+    assert eval_data_overrides(load_config("pipeline", [])) == ["data=arithmetic"]  # the built-in task
+    cfg = load_config("pipeline", section_overrides(["common.data=gsm8k", "common.trainer.lr=0.1",
+                                                     "grpo.data.max_prompt_length=99", "sft.data.path=demos"]))
+    assert eval_data_overrides(cfg) == ["data=arithmetic", "data=gsm8k", "data.max_prompt_length=99"]
+    evaluated = load_config("eval", eval_data_overrides(cfg))
+    assert evaluated.data.path == "openai/gsm8k" and evaluated.data.max_prompt_length == 99

@@ -85,3 +85,34 @@ def test_bad_names_and_weights():
         RewardSet(["no_such_pkg.mod:f"])
     with pytest.raises(ConfigError, match="2 values for 1"):
         RewardSet(["accuracy"], [1.0, 2.0])
+
+
+def test_the_set_knows_its_reward_model_and_scores_raw_rows_with_it_only():
+    class Scorer:  # a learned reward model: scores the raw prompt rows, not the policy's rendered prompts
+        def score_completions(self, rows, completions):
+            return [float(len(r["prompt"])) for r in rows]
+
+    def plain(prompts, completions, **columns):
+        return [1.0] * len(completions)
+
+    plain.score_completions = None  # a function with such an attribute is still called as a plain function
+    scorer = Scorer()
+    rs = RewardSet(["format", "model", "plain"], [0.2, 0.5, 1.0], functions={"model": scorer, "plain": plain})
+    assert rs.model is scorer and rs.model_weight == 0.5
+    out = rs(["rendered"], ["x"], {}, rows=[{"prompt": "abc"}])
+    assert out.per_function["model"] == [3.0] and out.per_function["plain"] == [1.0]
+    assert RewardSet(["format"]).model is None
+
+
+def test_from_config_names_what_is_missing():
+    from omegaconf import OmegaConf
+
+    from rlhf.config import RewardConfig
+
+    r = OmegaConf.structured(RewardConfig)
+    r.funcs, r.weights = ["model"], [1.0]
+    with pytest.raises(ConfigError, match="reward.model_path is not set"):
+        RewardSet.from_config(r)
+    r.funcs, r.weights, r.model_path = ["format"], [1.0], "/some/rm"
+    with pytest.raises(ConfigError, match="does not name `model`"):
+        RewardSet.from_config(r)

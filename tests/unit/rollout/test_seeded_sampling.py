@@ -37,9 +37,9 @@ def test_steps_and_seeds_give_different_draws_and_the_same_seed_the_same():
 def test_temperature_and_top_k_apply_before_the_draw():
     logits = torch.tensor([[3.0, 2.9, -5.0, -5.0]]).expand(2000, -1)
     ids = torch.zeros(2000, 1, dtype=torch.long)
-    top1 = _processors(SamplingParams(temperature=1.0, top_k=1), range(2000))(ids, logits).argmax(-1)
+    top1 = _processors(SamplingParams(1, temperature=1.0, top_k=1), range(2000))(ids, logits).argmax(-1)
     assert (top1 == 0).all()
-    cold = _processors(SamplingParams(temperature=0.01), range(2000))(ids, logits).argmax(-1)
+    cold = _processors(SamplingParams(1, temperature=0.01), range(2000))(ids, logits).argmax(-1)
     assert (cold == 0).float().mean() > 0.99  # 0.1 apart at T=0.01 is a 10-logit gap
 
 

@@ -19,8 +19,7 @@ def test_critic_head_takes_the_reward_weight_and_normalisation():
     torch.nn.init.normal_(critic.value_head.weight)
     before = critic.value_head.weight.detach().clone()
     trainer = PPOTrainer(OmegaConf.structured(PPOConfig))
-    trainer.rewards = SimpleNamespace(names=["format", "model"], weights=[0.2, 0.5],
-                                      funcs=[None, SimpleNamespace(mean=2.0, std=4.0)])
+    trainer.rewards = SimpleNamespace(model=SimpleNamespace(mean=2.0, std=4.0), model_weight=0.5)
     trainer._scale_critic_head(critic)
     torch.testing.assert_close(critic.value_head.weight, before * 0.5 / 4.0)
 
