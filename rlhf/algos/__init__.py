@@ -21,6 +21,7 @@ from rlhf.algos.aggregation import (
     masked_whiten,
     whiten,
 )
+from rlhf.algos.dpo import DPO_LOSSES, implicit_rewards, preference_metrics, simpo_loss
 from rlhf.algos.kl import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, kl_penalty
 from rlhf.algos.logprobs import entropy_from_logits, token_logprobs
 from rlhf.algos.policy import clipped_policy_loss, clipped_value_loss
@@ -36,11 +37,12 @@ from rlhf.algos.reward_model import (
     ranking_accuracy,
     ranking_centering_loss,
 )
-from rlhf.algos.reward_shaping import kl_shaped_rewards, place_sequence_rewards
+from rlhf.algos.reward_shaping import cut_response_scores, kl_shaped_rewards, place_sequence_rewards
 from rlhf.algos.sft import sft_loss
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
+    "DPO_LOSSES",
     "KL_ESTIMATORS",
     "LOSS_AGGREGATIONS",
     "RM_LOSSES",
@@ -51,10 +53,12 @@ __all__ = [
     "centering_loss",
     "clipped_policy_loss",
     "clipped_value_loss",
+    "cut_response_scores",
     "dense_scores",
     "entropy_from_logits",
     "gae",
     "group_advantages",
+    "implicit_rewards",
     "kl_penalty",
     "kl_shaped_rewards",
     "last_token_index",
@@ -66,11 +70,13 @@ __all__ = [
     "pairwise_accuracy",
     "pairwise_ranking_loss",
     "place_sequence_rewards",
+    "preference_metrics",
     "ranking_accuracy",
     "ranking_centering_loss",
     "reinforce_pp_advantages",
     "rloo_advantages",
     "sft_loss",
+    "simpo_loss",
     "token_logprobs",
     "whiten",
     "zero_variance_groups",
