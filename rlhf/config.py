@@ -431,7 +431,8 @@ class GRPOAlgoConfig:
     num_iterations: int = 1
     """Optimizer updates per batch of samples (mu); old log-probs are computed once and reused."""
     ratio_level: RatioLevel = RatioLevel.token
-    """Importance ratio per token (PPO/GRPO) or per sequence (GSPO, length-normalised)."""
+    """Importance ratio per token (PPO/GRPO) or per sequence (GSPO, length-normalised; the paper pairs it with
+    loss_type=grpo and clip ranges epsilon=3e-4, epsilon_high=4e-4)."""
     mask_truncated: bool = False
     """Leave responses that hit rollout.max_new_tokens without EOS out of the loss (DAPO's overlong filtering)."""
     zero_variance: ZeroVariance = ZeroVariance.keep
@@ -467,7 +468,8 @@ class PPOAlgoConfig:
     kl_in: KLIn = KLIn.reward
     """Where the KL to the reference goes: reward (per-token penalty in the reward, InstructGPT) or loss (a loss term, as GRPO)."""
     kl_estimator: KLEstimator = KLEstimator.k1
-    """KL estimator: k1 (log-ratio), k2 (half squared log-ratio), k3 (exp(-x) + x - 1, non-negative)."""
+    """KL estimator: k1 (log-ratio), k2 (half squared log-ratio), k3 (exp(-x) + x - 1, non-negative). With
+    kl_in=loss k1 is refused: as a loss term its gradient has zero mean and regularises nothing."""
     adaptive_kl: bool = False
     """Steer kl_coef towards kl_target (Ziegler et al. 2019's controller)."""
     kl_target: float = 6.0

@@ -202,7 +202,8 @@ class Trainer:
         if dist.is_main():
             existing = [m for m in RUN_MARKERS if (self.run_dir / m).exists()]
             checkpoints = self.run_dir / "checkpoints"
-            holds_work = (self.run_dir / "final").exists() or (checkpoints.is_dir() and any(checkpoints.iterdir()))
+            # a finished checkpoint is a step_* directory; a .tmp_step_* left by a kill mid-save holds nothing to keep
+            holds_work = (self.run_dir / "final").exists() or any(checkpoints.glob("step_*"))
             if existing and not resuming:
                 if holds_work and not run.overwrite:
                     raise RLHFError(

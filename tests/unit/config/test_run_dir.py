@@ -17,7 +17,7 @@ def test_a_failed_start_is_replaced(tmp_path, capsys):
     run_dir = tmp_path / "run"
     prepare(run_dir)  # the first try writes config.yaml, then (say) its reward function fails at step 1
     (run_dir / "metrics.jsonl").write_text('{"step": 0}\n')
-    (run_dir / "checkpoints").mkdir()  # made, but the run died before writing into it
+    (run_dir / "checkpoints" / ".tmp_step_00000050").mkdir(parents=True)  # killed in its first save
     prepare(run_dir, seed=1)
     assert "replacing them" in capsys.readouterr().out
     assert "seed: 1" in (run_dir / "config.yaml").read_text()
