@@ -152,10 +152,13 @@ def pipeline(ctx: typer.Context,
         return _print_config(config, cfg)
     _quiet_libraries()
     from rlhf.engine.distributed import kept_alive
+    from rlhf.jobs import default_workers
 
     main = os.environ.get("RANK", "0") == "0"  # under a launcher every rank runs the pipeline; one of them speaks
+    # Under a launcher every rank runs each stage in this process, in step with the others; side by side only alone.
+    workers = 1 if int(os.environ.get("WORLD_SIZE", "1")) > 1 else config.pipeline.workers or default_workers()
     with kept_alive():
-        run_pipeline(config, run_stage, typer.echo if main else (lambda message: None))
+        run_pipeline(config, run_stage, typer.echo if main else (lambda message: None), workers=workers)
 
 
 @app.command("plot", help="Redraw the plots of a run directory (a stage's curves.png) or of a pipeline directory "

@@ -543,6 +543,10 @@ class PipelineOptions:
     """Where train-rm starts: sft (the SFT checkpoint's backbone, a new score head) or config (train_rm's own model.*)."""
     report: bool = True
     """Evaluate every policy checkpoint on the held-out set and write summary.json, report.md and report.html."""
+    workers: Optional[int] = None
+    """Stages (and the report's evaluations) run at once when they do not read each other's output, each in a
+    process of its own with cores / workers torch threads, its output in <stage>/stage.log. 1: one after another in
+    this process (always so under a multi-process launcher). null: 2 on a machine with 2 cores or more, else 1."""
 
 
 @dataclass
@@ -656,6 +660,7 @@ _RANGES = (
     ("trainer.prompts_per_step", lambda v: v >= 1, ">= 1"),
     ("eval.batch_size", lambda v: v >= 1, ">= 1"),
     ("guard.max_bad_steps", lambda v: v >= 0, ">= 0"),
+    ("pipeline.workers", lambda v: v is None or v >= 1, ">= 1 or null"),
     ("launcher.connect_timeout_s", lambda v: v > 0, "> 0"),
     ("eval.max_new_tokens", lambda v: v >= 1, ">= 1"),
     ("rollout.max_new_tokens", lambda v: v >= 1, ">= 1"),

@@ -10,12 +10,15 @@ What each stage reads and runs with is computed in `rlhf.plan`; the report is `r
 
 from __future__ import annotations
 
+import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
 from rlhf.errors import ConfigError
+from rlhf.jobs import Job, Runner
 from rlhf.plan import ORDER, STAGE, Plan, check_stages, inputs, section_overrides, stage_overrides
 from rlhf.report import write_report
 
@@ -23,16 +26,19 @@ __all__ = ["run_pipeline", "section_overrides"]  # the cli composes the pipeline
 
 
 def run_pipeline(cfg: DictConfig, run_stage: Callable[[str, list[str]], Any],
-                 echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the selected stages in order (skipping finished ones), then evaluate and report."""
+                 echo: Callable[[str], None] = print, workers: int = 1) -> dict[str, Any]:
+    """Run the selected stages (skipping finished ones), `workers` at a time where they do not read each other's
+    output (rlhf.jobs), then evaluate and report."""
+    began = time.time()
     stages = check_stages(cfg)
     plan = Plan(Path(cfg.run.dir or "outputs/pipeline"), stages)
     plan.root.mkdir(parents=True, exist_ok=True)
     (plan.root / "pipeline.yaml").write_text(OmegaConf.to_yaml(cfg))
     force = set(ORDER) if "all" in cfg.pipeline.force else set(cfg.pipeline.force)
     rerun: set[str] = set()
+    jobs = []
     for stage in stages:
-        missing = [s for s in inputs(stage, cfg) if not plan.finished(s)]
+        missing = [s for s in inputs(stage, cfg) if not plan.finished(s) and s not in rerun]
         if missing:
             raise ConfigError(f"pipeline stage {stage} reads {', '.join(missing)}, which has not finished in "
                               f"{plan.root}: add it to pipeline.stages")
@@ -41,14 +47,17 @@ def run_pipeline(cfg: DictConfig, run_stage: Callable[[str, list[str]], Any],
             echo(f"pipeline: {stage} already finished in {plan.dir(stage)}; skipped (pipeline.force=[{stage}] "
                  "runs it again)")
             continue
-        overrides = stage_overrides(stage, plan, cfg)
-        resumable = not stale and (plan.dir(stage) / "checkpoints").is_dir() and any(
-            (plan.dir(stage) / "checkpoints").glob("step_*"))
-        overrides.append("run.resume=true" if resumable else "run.overwrite=true")
-        command = STAGE[stage].command
-        echo(f"pipeline: {stage}: rlhf {command.replace('_', '-')} {' '.join(overrides)}")
-        run_stage(command, overrides)
+        resumable = not stale and any((plan.dir(stage) / "checkpoints").glob("step_*"))
+        jobs.append(Job(stage, STAGE[stage].command, partial(_overrides, stage, plan, cfg, resumable), plan.dir(stage),
+                        after=tuple(inputs(stage, cfg))))
         rerun.add(stage)
+    runner = Runner(run_stage, echo, workers)
+    runner.run(jobs)
     if not cfg.pipeline.report:
         return {}
-    return write_report(plan, cfg, run_stage, echo)
+    return write_report(plan, cfg, runner, echo, began=began, ran={j.name: j.wall_s for j in jobs})
+
+
+def _overrides(stage: str, plan: Plan, cfg: DictConfig, resumable: bool) -> list[str]:
+    """A stage's overrides, computed when it starts (the control reads GRPO's wall time from its summary)."""
+    return stage_overrides(stage, plan, cfg) + ["run.resume=true" if resumable else "run.overwrite=true"]

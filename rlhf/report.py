@@ -2,7 +2,8 @@
 
 Every row of the table comes from one `rlhf eval` of that checkpoint on the same held-out prompts (greedy,
 the same rule rewards, the exact KL to the SFT checkpoint on the same answers), so rows differ only in the
-checkpoint. Wall times are the stages' own (summary.json of each stage).
+checkpoint. Wall times are the stages' own (summary.json of each stage); the total is the pipeline's, from its
+start to the report (stages side by side count once).
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ import base64
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 from xml.etree.ElementTree import Element
 
 import markdown
 from markdown.treeprocessors import Treeprocessor
 from omegaconf import DictConfig, OmegaConf
 
+from rlhf.jobs import Job, Runner
 from rlhf.plan import POLICIES, STAGES, Plan, as_overrides, eval_data_overrides, render_value
 from rlhf.plotting import plot_against_time, plot_run
 
@@ -26,21 +28,25 @@ POLICY_KEYS = ("accuracy", "format_rate", "reward", "rm_score", "kl", "response_
 DEMO_TARGETS = {"rm_accuracy": 0.95, "ppo_gain": 0.15, "grpo_gain": 0.30, "total_wall_s": 600.0}
 
 
-def evaluate_policies(plan: Plan, cfg: DictConfig, run_stage: Callable[[str, list[str]], Any]) -> None:
+def evaluation_jobs(plan: Plan, cfg: DictConfig) -> list[Job]:
     """`rlhf eval` of every finished policy checkpoint against the SFT checkpoint, into <pipeline>/eval/<stage>,
     on the pipeline's data (the built-in task unless its `common`/`grpo` sections set another; `report.*` last)."""
     rm = plan.final("train_rm") if plan.finished("train_rm") else None
+    jobs = []
     for stage in POLICIES:
         if not plan.finished(stage.name):
             continue
+        run_dir = plan.root / "eval" / stage.name
         overrides = [f"model.name_or_path={render_value(str(plan.final(stage.name)))}",
                      f"reference={render_value(str(plan.final('sft')))}",
-                     f"run.dir={plan.root / 'eval' / stage.name}", "run.overwrite=true", f"run.seed={cfg.run.seed}"]
+                     f"run.dir={run_dir}", "run.overwrite=true", f"run.seed={cfg.run.seed}"]
         overrides += eval_data_overrides(cfg)
         if rm is not None:  # the reward model's (normalised) score rides along with weight 0: reported, not summed
             overrides += ["reward.funcs=[accuracy,format,model]", "reward.weights=[1.0,0.2,0.0]",
                           f"reward.model_path={render_value(str(rm))}", "reward.normalize=true"]
-        run_stage("eval", overrides + as_overrides(OmegaConf.to_container(cfg.report)))
+        overrides += as_overrides(OmegaConf.to_container(cfg.report))
+        jobs.append(Job(f"eval/{stage.name}", "eval", lambda o=overrides: o, run_dir))
+    return jobs
 
 
 def collect(plan: Plan) -> dict[str, dict[str, Any]]:
@@ -179,13 +185,19 @@ def render_html(markdown_text: str, root: Path) -> str:
            f"</style></head><body>{body}</body></html>\n"
 
 
-def write_report(plan: Plan, cfg: DictConfig, run_stage: Callable[[str, list[str]], Any],
-                 echo: Callable[[str], None] = print) -> dict[str, Any]:
-    began = time.time()
-    evaluate_policies(plan, cfg, run_stage)
+def write_report(plan: Plan, cfg: DictConfig, runner: Runner, echo: Callable[[str], None] = print,
+                 began: Optional[float] = None, ran: Optional[dict[str, float]] = None) -> dict[str, Any]:
+    """Evaluate every policy (with `runner`, side by side where it runs several jobs), then write summary.json,
+    report.md, report.html and the plots. The total wall time is this invocation's, from `began` (the pipeline's
+    start) to the report, plus the recorded wall time of the stages it skipped because they had finished before
+    (`ran` names the ones it ran)."""
+    eval_began = time.time()
+    began = eval_began if began is None else began
+    runner.run(evaluation_jobs(plan, cfg))
     stages = collect(plan)
-    eval_s = time.time() - began
-    total = sum(float(r.get("wall_s") or 0.0) for r in stages.values()) + eval_s
+    eval_s = time.time() - eval_began
+    skipped = [s for s in plan.stages if s not in (ran or {}) and s in stages]
+    total = time.time() - began + sum(float(stages[s].get("wall_s") or 0.0) for s in skipped)
     targets = check_targets(stages, total)
     plots = draw_plots(plan)
     summary = {"stages": stages, "targets": targets, "total_wall_s": round(total, 1), "eval_wall_s": round(eval_s, 1)}
