@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-from rlhf.logging import read_metrics
+from rlhf.tracking import read_metrics
 
 # Panels drawn first when a run logged them; the rest of the numeric metrics follow.
 PREFERRED = ("loss", "eval/loss", "eval/accuracy", "eval/format_rate", "reward/mean", "kl", "entropy",

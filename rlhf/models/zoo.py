@@ -86,6 +86,14 @@ def load_tokenizer(model_cfg: Any, padding_side: str = "right") -> PreTrainedTok
     return tokenizer
 
 
+def training_model_config(model_cfg: Any) -> Any:
+    """The model config of weights that train: fp32 masters, whatever model.dtype says (bf16/fp16 compute is
+    DeepSpeed's mixed precision); frozen models load in model.dtype itself."""
+    cfg = copy.deepcopy(model_cfg)
+    cfg.dtype = "fp32"
+    return cfg
+
+
 def load_policy(model_cfg: Any, tokenizer: PreTrainedTokenizerBase, seed: int) -> PreTrainedModel:
     """The causal LM that is trained; weights follow `seed` wherever they are freshly initialised."""
     model = _load_causal_lm(model_cfg, tokenizer, seed)

@@ -23,7 +23,7 @@ from rlhf.engine import checkpoint as ckpt
 from rlhf.engine import distributed as dist
 from rlhf.engine.engine import configured_zero_stage
 from rlhf.errors import ConfigError, RLHFError
-from rlhf.logging import MetricLogger
+from rlhf.tracking import MetricLogger
 from rlhf.plotting import plot_run
 
 # What a run writes into run.dir; only checkpoints and final/ are work worth refusing to replace.

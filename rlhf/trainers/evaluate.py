@@ -22,9 +22,9 @@ from rlhf.errors import ConfigError, ModelError, RLHFError
 from rlhf.models.zoo import is_sequence_classifier, load_reference, load_reward_model, load_tokenizer
 from rlhf.rewards.combine import RewardSet
 from rlhf.rewards.model import RewardModelInfo, check_score
+from rlhf.rewards.preferences import evaluate_preferences, load_preferences
 from rlhf.trainers.base import default_run_dir
-from rlhf.trainers.evaluation import HeldOut, evaluate_policy
-from rlhf.trainers.reward import evaluate_preferences, load_preferences
+from rlhf.trainers.held_out import HeldOut, evaluate_policy
 
 
 class Evaluator:

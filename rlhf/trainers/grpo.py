@@ -15,7 +15,8 @@ import torch
 from rlhf.algos.advantages import ADVANTAGE_ESTIMATORS, zero_variance_groups
 from rlhf.engine import distributed as dist
 from rlhf.rollout.experience import batched_logprobs
-from rlhf.trainers.rl import RLTrainer, Samples, add, timed
+from rlhf.trainers.rl import RLTrainer, Samples
+from rlhf.trainers.step_stats import GRPOStepStats
 
 class GRPOTrainer(RLTrainer):
     stage = "grpo"
@@ -36,7 +37,7 @@ class GRPOTrainer(RLTrainer):
                        f"losses (algo.loss_type=grpo); algo.loss_type={a.loss_type} weighs the responses by their "
                        "length instead")
 
-    def collect(self, sums: dict[str, float]) -> tuple[Samples, torch.Tensor]:
+    def collect(self, stats: GRPOStepStats) -> tuple[Samples, torch.Tensor]:
         """This rank's groups for the step and a [N] mask of the responses that enter the loss.
 
         With zero_variance=resample (DAPO's dynamic sampling) flat groups are dropped and more prompts are drawn,
@@ -49,11 +50,12 @@ class GRPOTrainer(RLTrainer):
             draw = math.ceil(draw * a.oversample / self.world) * self.world
         kept, flat, rounds = None, None, 0
         while True:
-            drawn = self.draw(draw, sums)
+            drawn = self.draw(draw, stats)
             prompts = len(drawn.rewards) // G
             is_flat = zero_variance_groups(torch.tensor(drawn.rewards), G) if G > 1 else \
                 torch.zeros(prompts, dtype=torch.bool)
-            add(sums, {"zero_var": float(is_flat.sum()), "groups": float(prompts)})
+            stats.zero_variance += float(is_flat.sum())
+            stats.groups += prompts
             if a.zero_variance != "resample":
                 return drawn, self._keep_mask(drawn, is_flat.repeat_interleave(G))
             groups = [range(g * G, (g + 1) * G) for g in range(prompts)]
@@ -65,7 +67,7 @@ class GRPOTrainer(RLTrainer):
             if dist.all_reduce_sum({"short": float(short)})["short"] == 0 or rounds >= a.resample_rounds:
                 break
             rounds += 1
-        sums["resample_rounds"] = float(rounds)
+        stats.resample_rounds = float(rounds)
         fill = flat.take(list(range(min(short, len(flat.rewards)))))
         samples = kept.take(list(range(min(len(kept.rewards), per_rank * G)))) + fill
         is_filler = torch.tensor([False] * (len(samples.rewards) - len(fill.rewards)) + [True] * len(fill.rewards))
@@ -89,13 +91,13 @@ class GRPOTrainer(RLTrainer):
 
     def train_step(self) -> dict[str, Any]:
         cfg, a = self.cfg, self.cfg.algo
-        sums: dict[str, float] = {}
-        samples, keep = self.collect(sums)
+        stats = GRPOStepStats()
+        samples, keep = self.collect(stats)
         exp = self.pack(samples)
         # Resampling keeps whole groups only, so the advantages of a group are computed among its own samples.
         exp.advantages = self.advantages(exp.rewards)
         loss_mask = exp.action_mask * keep[:, None]
-        with timed(sums, "logprob_s"):
+        with stats.timed("logprob_s"):
             if self.reference is not None:
                 exp.ref_logprobs = batched_logprobs(self.reference, exp, cfg.trainer.micro_batch_size,
                                                     cfg.rollout.temperature, self.shared_prefix)
@@ -103,20 +105,16 @@ class GRPOTrainer(RLTrainer):
                 exp.old_logprobs = batched_logprobs(self.engine.module, exp, cfg.trainer.micro_batch_size,
                                                     cfg.rollout.temperature, self.shared_prefix)
         grad_norm = None
-        with timed(sums, "train_s"):
+        with stats.timed("train_s"):
             for batch, mask, counts, _ in self.update_batches(exp, loss_mask):
-                loss = self.policy_loss(batch, mask, counts, sums, epsilon=a.epsilon, epsilon_high=a.epsilon_high,
+                loss = self.policy_loss(batch, mask, counts, stats, epsilon=a.epsilon, epsilon_high=a.epsilon_high,
                                         loss_type=a.loss_type, kl_coef=a.beta, kl_estimator=a.kl_estimator,
                                         entropy_coef=a.entropy_coef, ratio_level=a.ratio_level)
                 norm = self.policy_backward(loss)
                 grad_norm = grad_norm if norm is None else norm
-        s = self.reduce(sums)
-        out = self.common_metrics(s, a.loss_type)
-        out["reward/zero_variance_frac"] = s["zero_var"] / max(s["groups"], 1.0)
-        if "resample_rounds" in s:
-            out["reward/resample_rounds"] = s["resample_rounds"] / self.world
-        if self.reference is not None:
-            out[f"kl/{a.kl_estimator}"] = s.get("kl", 0.0) / max(s["tokens"], 1.0)
+        s = self.reduce(stats)
+        out = s.metrics(self.mean_loss(s.loss, a.loss_type), kl_name=a.kl_estimator if self.reference else None,
+                        resampled=a.zero_variance == "resample", world=self.world)
         out["grad_norm"] = grad_norm
         self.last_metrics = out
         return out

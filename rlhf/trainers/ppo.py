@@ -24,10 +24,11 @@ from rlhf.engine import distributed as dist
 from rlhf.engine.engine import backward, build_engine, optimizer_step
 from rlhf.errors import ConfigError
 from rlhf.models.critic import build_critic
+from rlhf.models.zoo import training_model_config
 from rlhf.models.dropout import disable_dropout
 from rlhf.rollout.experience import Experience, batched_logprobs, batched_values, response_values
-from rlhf.trainers.rl import RLTrainer, Samples, add, timed
-from rlhf.trainers.sft import training_model_config
+from rlhf.trainers.rl import RLTrainer, Samples
+from rlhf.trainers.step_stats import PPOStepStats
 
 
 class PPOTrainer(RLTrainer):
@@ -76,15 +77,15 @@ class PPOTrainer(RLTrainer):
         return f"{super().batch_line()}; critic from {self.critic_init}"
 
     # ---- experience --------------------------------------------------------------------------------
-    def make_experience(self, sums: dict[str, float]) -> Experience:
+    def make_experience(self, stats: PPOStepStats) -> Experience:
         cfg, a = self.cfg, self.cfg.algo
         mb = cfg.trainer.micro_batch_size
-        samples = self.draw(cfg.trainer.prompts_per_step, sums)
+        samples = self.draw(cfg.trainer.prompts_per_step, stats)
         exp = self.pack(samples)
         dense = self.dense_rewards(samples, exp) if cfg.reward.dense else None
         scores = exp.rewards if dense is None else exp.rewards - dense.sum(-1)
         mask = exp.action_mask
-        with timed(sums, "logprob_s"):
+        with stats.timed("logprob_s"):
             exp.old_logprobs = batched_logprobs(self.engine.module, exp, mb, cfg.rollout.temperature,
                                                 self.shared_prefix)
             exp.values, last_values = batched_values(self.critic.module, exp, mb)
@@ -100,10 +101,9 @@ class PPOTrainer(RLTrainer):
         kl = torch.zeros_like(mask)
         if self.reference is not None:
             kl = kl_penalty(exp.old_logprobs, exp.ref_logprobs, a.kl_estimator, mask)
-            for name in sorted({a.kl_estimator, "k1", "k3"}):
+            for name in self.kl_names():
                 estimate = kl if name == a.kl_estimator else kl_penalty(exp.old_logprobs, exp.ref_logprobs, name, mask)
-                per_seq = masked_sum(estimate, mask, dim=-1)
-                add(sums, {f"kl_{name}": float(per_seq.sum())})
+                setattr(stats, f"kl_{name}", getattr(stats, f"kl_{name}") + float(masked_sum(estimate, mask)))
         if a.kl_in == "reward":
             rewards = kl_shaped_rewards(scores, kl, self.kl_ctl.value, mask)
         else:
@@ -114,12 +114,21 @@ class PPOTrainer(RLTrainer):
         exp.advantages = masked_whiten(advantages, mask, reduce=dist.batch_reducer()) if a.whiten_advantages \
             else advantages
         residual = exp.returns - exp.values
-        add(sums, {"score": float(scores.sum()), "shaped": float(masked_sum(rewards, mask)),
-                   "value": float(masked_sum(exp.values, mask)), "return": float(masked_sum(exp.returns, mask)),
-                   "return_sq": float(masked_sum(exp.returns ** 2, mask)), "residual": float(masked_sum(residual, mask)),
-                   "residual_sq": float(masked_sum(residual ** 2, mask)),
-                   "advantage": float(masked_sum(advantages, mask)), "action_tokens": float(mask.sum())})
+        stats.score += float(scores.sum())
+        stats.shaped += float(masked_sum(rewards, mask))
+        stats.value += float(masked_sum(exp.values, mask))
+        stats.returns += float(masked_sum(exp.returns, mask))
+        stats.returns_sq += float(masked_sum(exp.returns ** 2, mask))
+        stats.residual += float(masked_sum(residual, mask))
+        stats.residual_sq += float(masked_sum(residual ** 2, mask))
+        stats.advantage += float(masked_sum(advantages, mask))
+        stats.action_tokens += float(mask.sum())
         return exp
+
+    def kl_names(self) -> tuple[str, ...]:
+        """The KL estimates logged per response: the one optimised, and k1 and k3 beside it (none without a
+        reference)."""
+        return tuple(sorted({self.cfg.algo.kl_estimator, "k1", "k3"})) if self.reference is not None else ()
 
     def dense_rewards(self, samples: Samples, exp: Experience) -> torch.Tensor:
         """The reward model's share of each response's reward spread over its tokens, [B, R]: weight x per-token
@@ -153,49 +162,39 @@ class PPOTrainer(RLTrainer):
     # ---- update --------------------------------------------------------------------------------------
     def train_step(self) -> dict[str, Any]:
         cfg, a = self.cfg, self.cfg.algo
-        sums: dict[str, float] = {}
-        exp = self.make_experience(sums)
+        stats = PPOStepStats()
+        exp = self.make_experience(stats)
         train_policy = self.step >= cfg.critic.warmup_steps
         policy_norm = critic_norm = None
-        with timed(sums, "train_s"):
+        with stats.timed("train_s"):
             for batch, mask, counts, _ in self.update_batches(exp, exp.action_mask):
                 if train_policy:
                     kl_coef = self.kl_ctl.value if a.kl_in == "loss" else 0.0
-                    loss = self.policy_loss(batch, mask, counts, sums, epsilon=a.epsilon, epsilon_high=a.epsilon_high,
+                    loss = self.policy_loss(batch, mask, counts, stats, epsilon=a.epsilon, epsilon_high=a.epsilon_high,
                                             loss_type=a.loss_type, kl_coef=kl_coef, kl_estimator=a.kl_estimator,
                                             entropy_coef=a.entropy_coef, dual_clip=a.dual_clip)
                     norm = self.policy_backward(loss)
                     policy_norm = policy_norm if norm is None else norm
                 values, _ = response_values(self.critic, batch)
-                per_token, stats = clipped_value_loss(values, batch.values, batch.returns, mask, a.value_clip)
+                per_token, clip = clipped_value_loss(values, batch.values, batch.returns, mask, a.value_clip)
                 value_loss = aggregate(per_token, mask, a.loss_type, num_tokens=max(counts["tokens"], 1.0),
                                        num_seqs=max(counts["seqs"], 1.0))
                 backward(self.critic, a.vf_coef * value_loss * self.micro_batch_scale(a.loss_type), "value loss")
                 norm = optimizer_step(self.critic)
                 critic_norm = critic_norm if norm is None else norm
                 n = float(mask.sum())
-                add(sums, {"value_loss": value_loss.item(), "value_clip": float(stats["value_clip_frac"]) * n,
-                           "value_tokens": n})
-        s = self.reduce(sums)
-        n = max(s["n"], 1.0)
+                stats.value_loss += value_loss.item()
+                stats.value_clip += float(clip["value_clip_frac"]) * n
+                stats.value_tokens += n
+        s = self.reduce(stats)
         if self.reference is not None:
-            self.kl_ctl.update(s[f"kl_{a.kl_estimator}"] / n, int(n))
-        out = self.common_metrics(s, a.loss_type)
+            n = max(s.samples, 1.0)
+            self.kl_ctl.update(getattr(s, f"kl_{a.kl_estimator}") / n, int(n))
+        out = s.metrics(self.mean_loss(s.loss, a.loss_type), self.mean_loss(s.value_loss, a.loss_type),
+                        self.kl_names())
         if not train_policy:  # critic warm-up: no policy loss was computed
             out = {k: v for k, v in out.items() if not k.startswith(("loss", "clip_frac", "entropy", "policy/"))}
-        tokens = max(s["action_tokens"], 1.0)
-        returns_var = variance(s["return"], s["return_sq"], tokens)
-        out.update({"reward/score": s["score"] / n, "reward/shaped": s["shaped"] / n,
-                    # 1 - Var(R - V) / Var(R): 1 = the critic predicts returns, <= 0 = no better than a constant
-                    "value/explained_variance": 1.0 - variance(s["residual"], s["residual_sq"], tokens) / returns_var
-                    if returns_var > 0 else 0.0,
-                    "value/mean": s["value"] / tokens,
-                    "value/return": s["return"] / tokens, "value/advantage": s["advantage"] / tokens,
-                    "value/loss": self.mean_loss(s["value_loss"], a.loss_type),
-                    "value/clip_frac": s["value_clip"] / max(s["value_tokens"], 1.0),
-                    "kl_coef": self.kl_ctl.value, "grad_norm": policy_norm, "grad_norm/critic": critic_norm})
-        for key in [k for k in s if k.startswith("kl_k")]:
-            out[f"kl/{key.removeprefix('kl_')}"] = s[key] / n  # per response, summed over its tokens
+        out.update({"kl_coef": self.kl_ctl.value, "grad_norm": policy_norm, "grad_norm/critic": critic_norm})
         self.last_metrics = out
         return out
 
@@ -222,7 +221,3 @@ class PPOTrainer(RLTrainer):
         return {**super().summary(final_eval), "reward": last.get("reward/mean"),
                 "kl": final_eval.get("eval/kl", last.get(kl_key))}
 
-
-def variance(total: float, total_sq: float, n: float) -> float:
-    """Population variance from a sum and a sum of squares (as all-reduced over ranks)."""
-    return max(total_sq / n - (total / n) ** 2, 0.0)

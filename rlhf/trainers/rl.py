@@ -4,8 +4,6 @@ policy-loss update over mini-batches, and held-out evaluation. A stage adds its 
 
 from __future__ import annotations
 
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence
 
@@ -22,14 +20,14 @@ from rlhf.engine import distributed as dist
 from rlhf.engine.engine import backward, build_engine, frozen_model, optimizer_step, zero_stage
 from rlhf.errors import ConfigError, DataError
 from rlhf.models.dropout import disable_dropout
-from rlhf.models.zoo import load_policy, load_reference, load_tokenizer
+from rlhf.models.zoo import load_policy, load_reference, load_tokenizer, training_model_config
 from rlhf.rewards.combine import RewardSet
 from rlhf.rewards.rules import check_columns
 from rlhf.rollout.experience import Experience, build_experience, response_logprobs
 from rlhf.rollout.generation import SamplingParams, generate, sample_seeds
 from rlhf.trainers.base import Trainer
-from rlhf.trainers.evaluation import HeldOut, evaluate_policy
-from rlhf.trainers.sft import training_model_config
+from rlhf.trainers.held_out import HeldOut, evaluate_policy
+from rlhf.trainers.step_stats import StepStats
 
 # Aggregations normalised by a count over the whole mini-batch (all micro-batches and ranks): their micro-batch
 # losses are summed into the update, not averaged, so the update does not depend on how it is split.
@@ -132,29 +130,29 @@ class RLTrainer(Trainer):
         self.shared_prefix = self.shares_prefixes()
 
     # ---- experience --------------------------------------------------------------------------------
-    def draw(self, count: int, sums: dict[str, float]) -> Samples:
+    def draw(self, count: int, stats: StepStats) -> Samples:
         """Sample and score this rank's share of the next `count` prompts of the data stream."""
         positions = self.sampler.rank_positions(self.samples_seen, count, dist.rank(), self.world)
         indices = self.sampler.indices(positions.start, len(positions))
         self.samples_seen += count
-        return self.sample(indices, sums, positions)
+        return self.sample(indices, stats, positions)
 
-    def sample(self, indices: list[int], sums: dict[str, float], positions: Sequence[int]) -> Samples:
+    def sample(self, indices: list[int], stats: StepStats, positions: Sequence[int]) -> Samples:
         """Sample `samples_per_prompt` responses for each prompt row in `indices` (at global stream `positions`) and
-        score them; the reward statistics of every sampled response are added to `sums` (they are what the policy
+        score them; the reward statistics of every sampled response are added to `stats` (they are what the policy
         produced)."""
         cfg, n = self.cfg, self.samples_per_prompt
         rows = [i for i in indices for _ in range(n)]
         prompts = [self.prompt_ids[i] for i in rows]
         seeds = sample_seeds(cfg.run.seed, positions, n) if cfg.rollout.seeded else None
-        with timed(sums, "generate_s"):
+        with stats.timed("generate_s"):
             responses = generate(self.engine.module, prompts, self.tokenizer.pad_token_id,
                                  self.tokenizer.eos_token_id, self.sampling, cfg.rollout.batch_size,
                                  synced_gpus=zero_stage(self.engine) == 3, seeds=seeds)
         texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
         data = [self.rows[i] for i in rows]
         columns = {k: [r.get(k) for r in data] for k in data[0] if k != "prompt"}
-        with timed(sums, "reward_s"):
+        with stats.timed("reward_s"):
             scored = self.rewards([self.prompt_texts[i] for i in rows], texts, columns, rows=data)
         total = torch.tensor(scored.total, dtype=torch.float32)
         lengths = torch.tensor([len(r) for r in responses], dtype=torch.float32)
@@ -163,19 +161,23 @@ class RLTrainer(Trainer):
             penalty = overlong_penalty(lengths, self.sampling.max_new_tokens, cfg.reward.overlong_buffer,
                                        cfg.reward.overlong_penalty)
             total = total + penalty
-            add(sums, {"fn/overlong": float(penalty.sum()), "fn_n/overlong": float(len(responses))})
-        add(sums, {"reward": float(total.sum()), "reward_sq": float((total ** 2).sum()), "n": float(len(total)),
-                   "length": float(lengths.sum()), "truncated": float(truncated.sum()),
-                   "all_none": float(scored.all_none), "reward_errors": float(scored.errors)})
+            stats.add_function("overlong", float(penalty.sum()), float(len(responses)))
+        stats.samples += len(total)
+        stats.reward += float(total.sum())
+        stats.reward_sq += float((total ** 2).sum())
+        stats.length += float(lengths.sum())
+        stats.length_max = max(stats.length_max, float(lengths.max()) if len(lengths) else 0.0)
+        stats.truncated += float(truncated.sum())
+        stats.all_none += scored.all_none
+        stats.reward_errors += scored.errors
         if responses and scored.all_none == len(responses) and not self._warned_all_none:
             self._warned_all_none = True
             self._info(f"warning: no reward function in reward.funcs={list(cfg.reward.funcs)} applied to any of "
                        f"{len(responses)} completions (each returned None): they are all scored 0 and the step "
                        "learns nothing. Counted in reward/all_none; said once.")
-        sums["length_max"] = max(sums.get("length_max", 0.0), float(lengths.max()) if len(lengths) else 0.0)
         for name, values in scored.per_function.items():
             applied = [v for v in values if v is not None]
-            add(sums, {f"fn/{name}": float(sum(applied)), f"fn_n/{name}": float(len(applied))})
+            stats.add_function(name, float(sum(applied)), float(len(applied)))
         return Samples(prompts, [list(r) for r in responses], total.tolist(), rows)
 
     def truncated(self, responses: list[list[int]]) -> torch.Tensor:
@@ -207,7 +209,7 @@ class RLTrainer(Trainer):
                     yield (exp.select(part).to(self.engine.device), loss_mask[part].to(self.engine.device), counts,
                            start + mb >= per_mini)
 
-    def policy_loss(self, batch: Experience, mask: torch.Tensor, counts: dict[str, float], totals: dict[str, float],
+    def policy_loss(self, batch: Experience, mask: torch.Tensor, counts: dict[str, float], totals: StepStats,
                     *, epsilon: float, epsilon_high: Optional[float], loss_type: str, kl_coef: float = 0.0,
                     kl_estimator: str = "k3", entropy_coef: float = 0.0, dual_clip: Optional[float] = None,
                     ratio_level: str = "token") -> torch.Tensor:
@@ -221,15 +223,18 @@ class RLTrainer(Trainer):
         if kl_coef > 0 and batch.ref_logprobs is not None:
             kl = kl_penalty(logprobs, batch.ref_logprobs, kl_estimator, mask)
             per_token = per_token + kl_coef * kl
-            add(totals, {"kl": float(masked_sum(kl.detach(), mask))})
+            totals.kl += float(masked_sum(kl.detach(), mask))
         if entropy_coef:
             per_token = per_token - entropy_coef * entropy
         loss = aggregate(per_token, mask, loss_type, num_tokens=max(counts["tokens"], 1.0),
                          max_len=self.sampling.max_new_tokens, num_seqs=max(counts["seqs"], 1.0))
         n = float(mask.sum())
-        add(totals, {"loss": loss.item(), "entropy": float(masked_sum(entropy.detach(), mask)),
-                     "clip_low": float(stats["clip_frac_low"]) * n, "clip_high": float(stats["clip_frac_high"]) * n,
-                     "approx_kl": float(stats["approx_kl"]) * n, "tokens": n})
+        totals.loss += loss.item()
+        totals.entropy += float(masked_sum(entropy.detach(), mask))
+        totals.clip_low += float(stats["clip_frac_low"]) * n
+        totals.clip_high += float(stats["clip_frac_high"]) * n
+        totals.approx_kl += float(stats["approx_kl"]) * n
+        totals.tokens += n
         return loss * self.micro_batch_scale(loss_type)
 
     def micro_batch_scale(self, loss_type: str) -> float:
@@ -247,25 +252,12 @@ class RLTrainer(Trainer):
         return optimizer_step(self.engine)
 
     # ---- metrics -------------------------------------------------------------------------------------
-    def common_metrics(self, s: dict[str, float], loss_type: str) -> dict[str, Any]:
-        """Per-step metrics from the all-reduced sums of `sample` and `policy_loss`."""
-        n, tokens = max(s.get("n", 0.0), 1.0), max(s.get("tokens", 0.0), 1.0)
-        mean = s["reward"] / n
-        out = {"loss": self.mean_loss(s.get("loss", 0.0), loss_type),
-               "reward/mean": mean, "reward/std": max(s["reward_sq"] / n - mean ** 2, 0.0) ** 0.5,
-               "reward/all_none": s["all_none"], "reward/errors": s["reward_errors"], "entropy": s.get("entropy", 0.0) / tokens,
-               "clip_frac/low": s.get("clip_low", 0.0) / tokens, "clip_frac/high": s.get("clip_high", 0.0) / tokens,
-               "policy/approx_kl": s.get("approx_kl", 0.0) / tokens,
-               "response/length_mean": s["length"] / n, "response/length_max": s["length_max"],
-               "response/truncation_rate": s["truncated"] / n, "time/generate_s": s["generate_s"],
-               "time/logprob_s": s.get("logprob_s", 0.0), "time/reward_s": s["reward_s"], "time/train_s": s["train_s"],
-               "perf/completions_per_s": s["n"] / max(s["generate_s"], 1e-9)}
-        for key in [k for k in s if k.startswith("fn/")]:
-            name = key.removeprefix("fn/")
-            out[f"reward/{name}"] = s[key] / max(s[f"fn_n/{name}"], 1.0)
-        for key in self.reward_totals:
-            self.reward_totals[key] += int(s[key])
-        return out
+    def reduce(self, stats: StepStats) -> StepStats:
+        """The step's statistics over every rank, its reward error and all-None counts added to the run's."""
+        total = stats.reduced()
+        self.reward_totals["reward_errors"] += int(total.reward_errors)
+        self.reward_totals["all_none"] += int(total.all_none)
+        return total
 
     # Completions over the whole run (resumed runs included) that a reward function raised on (scored
     # reward.error_score) or that no function applied to (scored 0): summary.json's reward_errors / reward_all_none.
@@ -280,30 +272,8 @@ class RLTrainer(Trainer):
         return {**super().summary(final_eval), "reward_errors": totals["reward_errors"],
                 "reward_all_none": totals["all_none"]}
 
-    def reduce(self, sums: dict[str, float]) -> dict[str, float]:
-        """Sum over ranks; the longest response and the phase times (ranks run each phase at once) are maxima."""
-        maxima = {k: sums.pop(k, 0.0) for k in ("length_max", "generate_s", "logprob_s", "reward_s", "train_s")}
-        total = dist.all_reduce_sum(sums)
-        total.update({k: dist.all_reduce_max(v) for k, v in maxima.items()})
-        return total
-
     def evaluate(self, final: bool = False) -> dict[str, float]:
         samples = self.run_dir / "eval_samples.jsonl" if final else None
         return evaluate_policy(self.engine.module, self.tokenizer, self.held_out, self.cfg.eval,
                                synced_gpus=zero_stage(self.engine) == 3, samples_file=samples,
                                reference=self.reference, rewards=self.rewards)
-
-
-@contextmanager
-def timed(sums: dict[str, float], key: str):
-    """Add the seconds the block takes to sums[key] (a phase of the step: time/<key> in the metrics)."""
-    began = time.perf_counter()
-    try:
-        yield
-    finally:
-        sums[key] = sums.get(key, 0.0) + time.perf_counter() - began
-
-
-def add(sums: dict[str, float], values: dict[str, float]) -> None:
-    for k, v in values.items():
-        sums[k] = sums.get(k, 0.0) + v

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 
 from rlhf.algos.sft import sft_loss
 from rlhf.data.loading import load_rows
@@ -15,16 +13,9 @@ from rlhf.data.tokenize import collate_lm, encode_rows
 from rlhf.engine import distributed as dist
 from rlhf.engine.engine import backward, build_engine, optimizer_step, zero_stage
 from rlhf.errors import DataError
-from rlhf.models.zoo import load_policy, load_tokenizer
+from rlhf.models.zoo import load_policy, load_tokenizer, training_model_config
 from rlhf.trainers.base import Trainer
-from rlhf.trainers.evaluation import HeldOut, evaluate_policy
-
-
-def training_model_config(model_cfg: DictConfig) -> DictConfig:
-    """Trainable weights stay fp32 masters; bf16/fp16 compute is DeepSpeed's mixed precision."""
-    cfg = copy.deepcopy(model_cfg)
-    cfg.dtype = "fp32"
-    return cfg
+from rlhf.trainers.held_out import HeldOut, evaluate_policy
 
 
 class SFTTrainer(Trainer):

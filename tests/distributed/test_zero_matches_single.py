@@ -19,7 +19,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from rlhf.logging import read_metrics
+from rlhf.tracking import read_metrics
 from tests.integration.conftest import REPO, run_cli
 
 pytestmark = pytest.mark.slow

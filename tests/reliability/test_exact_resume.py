@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhf.logging import read_metrics
+from rlhf.tracking import read_metrics
 from tests.integration.conftest import FAST, REPO, run_cli
 
 STAGES = {

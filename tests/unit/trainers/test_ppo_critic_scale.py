@@ -25,7 +25,7 @@ def test_critic_head_takes_the_reward_weight_and_normalisation():
 
 
 def test_variance_from_all_reduced_sums_is_the_population_variance():
-    from rlhf.trainers.ppo import variance
+    from rlhf.trainers.step_stats import variance
 
     x = torch.tensor([0.5, -1.0, 2.0, 3.5, 0.0], dtype=torch.float64)
     assert variance(float(x.sum()), float((x ** 2).sum()), len(x)) == pytest.approx(float(x.var(unbiased=False)))

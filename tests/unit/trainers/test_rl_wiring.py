@@ -17,6 +17,7 @@ from rlhf.rollout.generation import SamplingParams
 from rlhf.rollout.experience import batched_logprobs, build_experience, response_logprobs
 from rlhf.trainers.grpo import GRPOTrainer
 from rlhf.trainers.rl import Samples
+from rlhf.trainers.step_stats import StepStats
 
 TOK = build_char_tokenizer()
 PROMPTS = [[10, 11, 12], [13, 14]]
@@ -58,9 +59,8 @@ def grpo_step_gradient(**algo) -> torch.Tensor:
     trainer.engine = FakeEngine(tiny(0))
     trainer.reference = tiny(1).eval() if trainer.cfg.algo.beta > 0 else None
 
-    def fake_sample(indices, sums, positions):
-        sums.update(reward=sum(REWARDS), reward_sq=sum(r * r for r in REWARDS), n=8.0, length=20.0, length_max=4.0,
-                    truncated=0.0, all_none=0.0, reward_errors=0.0, generate_s=0.0, reward_s=0.0)
+    def fake_sample(indices, stats, positions):
+        stats.samples, stats.reward, stats.length = 8, sum(REWARDS), 20.0
         return Samples([PROMPTS[i // 4] for i in range(8)], RESPONSES, list(REWARDS), [i // 4 for i in range(8)])
 
     trainer.sample = fake_sample
@@ -142,18 +142,17 @@ def test_reward_errors_and_all_none_batches_are_counted_and_warned_once(monkeypa
     trainer.rewards = RewardSet(["none", "raises"], [1.0, 1.0], on_error="score",
                                 functions={"none": nothing_applies, "raises": raises})
     monkeypatch.setattr("rlhf.trainers.rl.generate", lambda *args, **kwargs: [list(r) for r in RESPONSES])
-    sums = {}
+    stats = StepStats()
     for _ in range(2):
-        trainer.sample([0, 1], sums, range(2))
-    assert sums["reward_errors"] == 16 and sums["all_none"] == 0  # the raising function scored error_score
+        trainer.sample([0, 1], stats, range(2))
+    assert stats.reward_errors == 16 and stats.all_none == 0  # the raising function scored error_score
     trainer.rewards = RewardSet(["none"], functions={"none": nothing_applies})
-    sums = {}
+    stats = StepStats()
     for _ in range(2):
-        trainer.sample([0, 1], sums, range(2))
-    assert sums["all_none"] == 16 and sums["reward_errors"] == 0
+        trainer.sample([0, 1], stats, range(2))
+    assert stats.all_none == 16 and stats.reward_errors == 0
     assert capsys.readouterr().out.count("no reward function in reward.funcs") == 1
-    sums.update(train_s=0.0)
-    metrics = trainer.common_metrics(trainer.reduce(sums), "dapo")
+    metrics = trainer.reduce(stats).metrics(loss=0.0)
     assert metrics["reward/all_none"] == 16 and metrics["reward/errors"] == 0
     summary = trainer.summary({})
     assert summary["reward_all_none"] == 16 and summary["reward_errors"] == 0
