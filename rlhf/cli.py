@@ -26,6 +26,8 @@ STAGES: dict[str, tuple[str, str, str]] = {
             "PPO against a reward model: critic (value head), GAE, clipped objective, KL to a frozen reference."),
     "grpo": ("grpo", "rlhf.trainers.grpo:GRPOTrainer",
              "Group Relative Policy Optimization: sampled groups, verifier/RM rewards, no critic."),
+    "dpo": ("dpo", "rlhf.trainers.dpo:DPOTrainer",
+            "Direct preference optimisation on preference pairs (sigmoid, robust, hinge, IPO, SimPO): no reward model."),
 }
 
 OVERRIDE_HELP = """

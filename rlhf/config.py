@@ -62,6 +62,7 @@ KLEstimator = _choices("KLEstimator", "k1 k2 k3")
 KLIn = _choices("KLIn", "reward loss")
 PPOLossType = _choices("PPOLossType", "token_mean seq_mean_token_mean")
 Truncation = _choices("Truncation", "terminal bootstrap")
+DPOLossType = _choices("DPOLossType", "sigmoid robust hinge ipo simpo")
 CriticInit = _choices("CriticInit", "auto reward_model policy")
 RMInit = _choices("RMInit", "sft config")
 PipelineStage = _choices("PipelineStage", "sft train_rm ppo grpo sft_control")
@@ -508,6 +509,43 @@ class CriticConfig:
 
 
 @dataclass
+class DPOTrainerConfig(TrainerConfig):
+    """Trainer keys of `rlhf dpo`. Its rows are preference pairs (a ranked list gives its best response against
+    each other one)."""
+
+    disable_dropout: bool = True
+    """Set every dropout probability of the policy to 0 (as TRL's DPO): the reference's log-probs and the policy's
+    are then the same function at the start, so every implicit reward starts at 0."""
+    shared_prefix: bool = True
+    """Run each pair's prompt once for its chosen and rejected responses (the same log-probs for less work). Off under
+    ZeRO-3 and with gradient checkpointing."""
+
+
+@dataclass
+class DPOAlgoConfig:
+    """Direct preference optimisation and its relatives (rlhf.algos.dpo)."""
+
+    loss_type: DPOLossType = DPOLossType.sigmoid
+    """sigmoid (DPO, Rafailov et al. 2023; with label_smoothing: conservative DPO), robust (Chowdhury et al. 2024),
+    hinge (SLiC), ipo (Azar et al. 2023), or simpo (reference-free, length-normalised: Meng et al. 2024; no
+    reference model is loaded)."""
+    beta: float = 0.1
+    """Temperature of the implicit reward beta * (log pi - log pi_ref)."""
+    label_smoothing: float = 0.0
+    """Probability that a preference label is flipped, in [0, 0.5) (sigmoid, robust and simpo)."""
+    simpo_gamma_beta_ratio: float = 0.5
+    """simpo: the target margin gamma as a multiple of beta."""
+    on_invalid: DropOrError = DropOrError.drop
+    """Preference rows with identical or empty responses: drop (and count) or error."""
+
+
+@dataclass
+class DPOConfig(StageConfig):
+    trainer: DPOTrainerConfig = field(default_factory=DPOTrainerConfig)
+    algo: DPOAlgoConfig = field(default_factory=DPOAlgoConfig)
+
+
+@dataclass
 class EvalStageConfig(StageConfig):
     algo: RewardModelAlgoConfig = field(default_factory=RewardModelAlgoConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
@@ -573,7 +611,7 @@ class PipelineConfig:
 
 
 STAGE_SCHEMAS: dict[str, type] = {"sft": SFTConfig, "train_rm": TrainRMConfig, "eval": EvalStageConfig, "grpo": GRPOConfig,
-                                 "ppo": PPOConfig, "pipeline": PipelineConfig}
+                                 "ppo": PPOConfig, "dpo": DPOConfig, "pipeline": PipelineConfig}
 
 
 def register_configs() -> None:
@@ -669,6 +707,7 @@ _RANGES = (
     ("algo.group_size", lambda v: v >= 1, ">= 1"),
     ("algo.lm_coef", lambda v: v is None or v >= 0, ">= 0 (0 = off) or null"),
     ("algo.label_smoothing", lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
+    ("algo.simpo_gamma_beta_ratio", lambda v: v >= 0, ">= 0"),
     ("algo.epsilon_high", lambda v: v is None or v > 0, "> 0 or null (= algo.epsilon)"),
     ("algo.dual_clip", lambda v: v is None or v > 1, "> 1 (a bound on -A x ratio) or null"),
     ("algo.value_clip", lambda v: v is None or v > 0, "> 0 or null (unclipped)"),
@@ -732,6 +771,8 @@ def _check_combinations(cfg: DictConfig) -> None:
         if cfg.reward.dense and a.truncation == Truncation.bootstrap:
             raise ConfigError("reward.dense=true spreads the score over the tokens, algo.truncation=bootstrap "
                               "withholds it at the cut: use algo.truncation=terminal with dense rewards")
+    if cfg.stage == "dpo" and a.beta <= 0:
+        raise ConfigError(f"algo.beta={a.beta}: DPO's implicit reward is beta * (log pi - log pi_ref), beta must be > 0")
     if cfg.stage == "grpo":
         if a.kl_estimator == KLEstimator.k1 and a.beta > 0:
             raise ConfigError(f"algo.kl_estimator=k1 with algo.beta={a.beta}: {k1} (or algo.beta=0 for no KL term)")

@@ -19,7 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from rlhf.errors import ConfigError
 from rlhf.jobs import Job, Runner
-from rlhf.plan import ORDER, STAGE, Plan, check_stages, inputs, section_overrides, stage_overrides
+from rlhf.plan import (ORDER, STAGE, Plan, check_stage_configs, check_stages, inputs, section_overrides,
+                       stage_overrides)
 from rlhf.report import write_report
 
 __all__ = ["run_pipeline", "section_overrides"]  # the cli composes the pipeline's config with section_overrides
@@ -51,6 +52,7 @@ def run_pipeline(cfg: DictConfig, run_stage: Callable[[str, list[str]], Any],
         jobs.append(Job(stage, STAGE[stage].command, partial(_overrides, stage, plan, cfg, resumable), plan.dir(stage),
                         after=tuple(inputs(stage, cfg))))
         rerun.add(stage)
+    check_stage_configs([job.name for job in jobs], plan, cfg)
     runner = Runner(run_stage, echo, workers)
     runner.run(jobs)
     if not cfg.pipeline.report:

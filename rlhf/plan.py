@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
-from rlhf.config import STAGE_SCHEMAS
+from rlhf.config import STAGE_SCHEMAS, load_config
 from rlhf.errors import ConfigError
 
 
@@ -124,8 +124,9 @@ def _grpo_uses_rm(cfg: DictConfig) -> bool:
     return "model" in funcs or flatten(OmegaConf.to_container(cfg.grpo)).get("reward") == "model"
 
 
-def wiring(stage: str, plan: Plan, cfg: DictConfig) -> list[str]:
-    """Overrides that connect a stage to the pipeline: where it writes, what it starts from, what scores it."""
+def wiring(stage: str, plan: Plan, cfg: DictConfig, ahead: bool = False) -> list[str]:
+    """Overrides that connect a stage to the pipeline: where it writes, what it starts from, what scores it.
+    `ahead`: for checking the config before the stages it reads have run (GRPO's wall time is then a stand-in)."""
     out = [f"run.dir={plan.dir(stage)}", f"run.seed={cfg.run.seed}"]
     sft = render_value(str(plan.final("sft")))
     if stage == "train_rm" and cfg.pipeline.rm_init == "sft":
@@ -139,7 +140,7 @@ def wiring(stage: str, plan: Plan, cfg: DictConfig) -> list[str]:
     if stage == "sft_control":
         # More SFT from the same checkpoint on the same demonstrations, for as long as GRPO ran (all of its
         # wall time: setup and evaluations included, so the control is never the one short of time).
-        grpo_s = plan.summary("grpo").get("wall_s")
+        grpo_s = plan.summary("grpo").get("wall_s", 1.0 if ahead else None)
         if grpo_s is None:
             raise ConfigError("pipeline stage sft_control runs for GRPO's wall time: run the grpo stage first "
                               f"({plan.dir('grpo')} has no summary.json)")
@@ -160,10 +161,20 @@ def applies(command: str, key: str) -> bool:
     return True
 
 
-def stage_overrides(stage: str, plan: Plan, cfg: DictConfig) -> list[str]:
+def stage_overrides(stage: str, plan: Plan, cfg: DictConfig, ahead: bool = False) -> list[str]:
     command = STAGE[stage].command
     common = {k: v for k, v in flatten(OmegaConf.to_container(cfg.common)).items() if applies(command, k)}
-    return wiring(stage, plan, cfg) + as_overrides(common) + as_overrides(OmegaConf.to_container(cfg[stage]))
+    return wiring(stage, plan, cfg, ahead) + as_overrides(common) + as_overrides(OmegaConf.to_container(cfg[stage]))
+
+
+def check_stage_configs(stages: list[str], plan: Plan, cfg: DictConfig) -> None:
+    """Compose every stage's config before the first one runs, so that a bad key or value in any stage's section
+    answers now, naming the stage, instead of after the stages before it have trained."""
+    for stage in stages:
+        try:
+            load_config(STAGE[stage].command, stage_overrides(stage, plan, cfg, ahead=True))
+        except ConfigError as error:
+            raise ConfigError(f"pipeline stage {stage}: {error}") from None
 
 
 def eval_data_overrides(cfg: DictConfig) -> list[str]:

@@ -21,6 +21,7 @@ from tests.integration.conftest import FAST, REPO, run_cli
 STAGES = {
     "sft": ["trainer.lr=1e-2"],
     "train-rm": ["data=arithmetic_prefs"],
+    "dpo": ["trainer.lr=1e-3", "data.arithmetic.num_train=64"],
     "ppo": ["trainer.prompts_per_step=4", "rollout.max_new_tokens=8", "algo.ppo_epochs=2", "algo.mini_batches=1",
             "trainer.micro_batch_size=4", "algo.adaptive_kl=true"],
     "grpo": ["trainer.prompts_per_step=2", "algo.group_size=4", "rollout.max_new_tokens=8",

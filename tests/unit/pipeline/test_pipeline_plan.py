@@ -93,3 +93,15 @@ def test_the_report_evaluates_on_the_pipelines_own_data():
     assert eval_data_overrides(cfg) == ["data=arithmetic", "data=gsm8k", "data.max_prompt_length=99"]
     evaluated = load_config("eval", eval_data_overrides(cfg))
     assert evaluated.data.path == "openai/gsm8k" and evaluated.data.max_prompt_length == 99
+
+
+def test_every_stage_config_is_checked_before_the_first_stage_runs(tmp_path):
+    from rlhf.plan import ORDER, Plan, check_stage_configs
+
+    cfg = load_config("pipeline", section_overrides([f"run.dir={tmp_path}", "grpo.algo.loss_type=dapoo"]))
+    plan = Plan(tmp_path, list(ORDER))
+    with pytest.raises(ConfigError, match=r"pipeline stage grpo: algo.loss_type='dapoo': expected one of"):
+        check_stage_configs(list(ORDER), plan, cfg)
+    # the control's wiring reads GRPO's wall time, which does not exist yet: a stand-in when checking ahead
+    good = load_config("pipeline", section_overrides([f"run.dir={tmp_path}"]))
+    check_stage_configs(list(ORDER), plan, good)
