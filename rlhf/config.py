@@ -65,7 +65,7 @@ Truncation = _choices("Truncation", "terminal bootstrap")
 DPOLossType = _choices("DPOLossType", "sigmoid robust hinge ipo simpo")
 CriticInit = _choices("CriticInit", "auto reward_model policy")
 RMInit = _choices("RMInit", "sft config")
-PipelineStage = _choices("PipelineStage", "sft train_rm ppo grpo sft_control")
+PipelineStage = _choices("PipelineStage", "sft train_rm ppo grpo sft_control dpo")
 ForcedStage = _choices("ForcedStage", " ".join(PipelineStage) + " all")  # pipeline.force: stages, or all of them
 
 
@@ -573,8 +573,9 @@ class GRPOConfig(StageConfig):
 
 @dataclass
 class PipelineOptions:
-    stages: List[PipelineStage] = field(default_factory=lambda: list(PipelineStage))
-    """Stages to run, in this order: sft, train_rm, ppo, grpo, sft_control (SFT continued from the SFT checkpoint for GRPO's wall time)."""
+    stages: List[PipelineStage] = field(default_factory=lambda: [PipelineStage[s] for s in ("sft", "train_rm", "ppo",
+                                                                                             "grpo", "sft_control")])
+    """Stages to run, in this order: sft, train_rm, ppo, grpo, sft_control (SFT continued from the SFT checkpoint for GRPO's wall time); dpo (DPO from the SFT checkpoint on the preference pairs) when listed."""
     force: List[ForcedStage] = field(default_factory=list)
     """Stages to run again even if finished ([all] for every one); stages that read a re-run stage run again too."""
     rm_init: RMInit = RMInit.sft
@@ -604,6 +605,8 @@ class PipelineConfig:
     """Overrides of the ppo stage (its reward model is train_rm's; its policy starts from sft's)."""
     grpo: Dict[str, Any] = field(default_factory=dict)
     """Overrides of the grpo stage (its policy starts from sft's)."""
+    dpo: Dict[str, Any] = field(default_factory=dict)
+    """Overrides of the optional dpo stage (pipeline.stages=[sft,dpo]; its policy starts from sft's)."""
     sft_control: Dict[str, Any] = field(default_factory=dict)
     """Overrides of the control: SFT from the SFT checkpoint on the same demonstrations, for GRPO's wall time."""
     report: Dict[str, Any] = field(default_factory=dict)

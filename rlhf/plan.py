@@ -41,6 +41,8 @@ STAGES = (
           curves=_RL_CURVES + ("reward/zero_variance_frac", "eval/reward"), reads=("sft",)),
     Stage("sft_control", "sft", "SFT control (GRPO's wall time)", is_policy=True, curves=_SFT_CURVES,
           reads=("sft", "grpo")),
+    Stage("dpo", "dpo", "DPO (preference pairs)", is_policy=True,
+          curves=("loss", "rewards/margin", "eval/rewards/accuracy", "eval/accuracy"), reads=("sft",)),
 )
 STAGE = {s.name: s for s in STAGES}
 ORDER = tuple(s.name for s in STAGES)
@@ -131,7 +133,7 @@ def wiring(stage: str, plan: Plan, cfg: DictConfig, ahead: bool = False) -> list
     sft = render_value(str(plan.final("sft")))
     if stage == "train_rm" and cfg.pipeline.rm_init == "sft":
         out.append(f"model.name_or_path={sft}")
-    if stage in ("ppo", "grpo", "sft_control"):
+    if stage in ("ppo", "grpo", "sft_control", "dpo"):
         out.append(f"model.name_or_path={sft}")
     if stage == "ppo":
         out += ["reward=model", f"reward.model_path={render_value(str(plan.final('train_rm')))}"]

@@ -21,9 +21,10 @@ def _fast_common() -> list[str]:
 
 def test_pipeline_wires_stages_reports_and_skips_finished(tmp_path):
     root = tmp_path / "pipe"
-    args = ["pipeline", f"run.dir={root}", *_fast_common(), *STEPS, "pipeline.rm_init=sft"]
+    args = ["pipeline", f"run.dir={root}", *_fast_common(), *STEPS, "pipeline.rm_init=sft",
+            "pipeline.stages=[sft,train_rm,ppo,grpo,sft_control,dpo]", "dpo.trainer.max_steps=2"]
     first = run_cli(*args)
-    for stage in ("sft", "train_rm", "ppo", "grpo", "sft_control"):
+    for stage in ("sft", "train_rm", "ppo", "grpo", "sft_control", "dpo"):
         assert (root / stage / "final").is_dir(), first.stdout
     config = {s: yaml.safe_load((root / s / "config.yaml").read_text()) for s in ("train_rm", "ppo", "grpo",
                                                                                   "sft_control")}
@@ -45,14 +46,15 @@ def test_pipeline_wires_stages_reports_and_skips_finished(tmp_path):
     assert {"accuracy", "wall_s"} <= set(stages["sft_control"])
     assert stages["sft"]["kl"] == 0.0  # the SFT checkpoint against itself
     report = (root / "report.md").read_text()
-    assert "| checkpoint | held-out accuracy |" in report and "GRPO (verifier)" in report
+    assert "| checkpoint | held-out accuracy |" in report and "GRPO (verifier)" in report and "DPO (preference" in report
+    assert {"accuracy", "kl"} <= set(stages["dpo"])
     assert (root / "report.html").read_text().count("data:image/png;base64,") >= 3
     assert (root / "plots" / "accuracy_vs_time.png").is_file()
 
-    again = run_cli(*args)
-    for stage in ("sft", "train_rm", "ppo", "grpo", "sft_control"):
+    again = run_cli(*args, "pipeline.workers=1")  # in this process: side by side is the first run's
+    for stage in ("sft", "train_rm", "ppo", "grpo", "sft_control", "dpo"):
         assert f"pipeline: {stage} already finished" in again.stdout
-    forced = run_cli(*args, "pipeline.force=[grpo]", "pipeline.report=false")
+    forced = run_cli(*args, "pipeline.force=[grpo]", "pipeline.report=false", "pipeline.workers=1")
     assert "pipeline: sft already finished" in forced.stdout
     assert "pipeline: grpo already finished" not in forced.stdout
     assert "pipeline: sft_control already finished" not in forced.stdout  # it reads grpo's wall time

@@ -45,8 +45,8 @@ def test_stage_inputs_follow_the_recipe():
 
 
 def test_unknown_stages_are_refused():
-    with pytest.raises(ConfigError, match=r"pipeline.stages\[1\]='dpo': expected one of sft, train_rm"):
-        load_config("pipeline", ["pipeline.stages=[sft,dpo]"])
+    with pytest.raises(ConfigError, match=r"pipeline.stages\[1\]='dpoo': expected one of sft, train_rm"):
+        load_config("pipeline", ["pipeline.stages=[sft,dpoo]"])
     with pytest.raises(ConfigError, match="pipeline.force"):
         load_config("pipeline", ["pipeline.force=[everything]"])
     assert check_stages(load_config("pipeline", ["pipeline.stages=[grpo,sft]"])) == ["sft", "grpo"]
@@ -74,8 +74,8 @@ def test_common_overrides_reach_the_stages_that_have_the_key():
 
 
 def test_stages_are_listed_once_in_pipeline_order():
-    assert [s.name for s in STAGES] == ["sft", "train_rm", "ppo", "grpo", "sft_control"]
-    assert [s.name for s in POLICIES] == ["sft", "ppo", "grpo", "sft_control"]
+    assert [s.name for s in STAGES] == ["sft", "train_rm", "ppo", "grpo", "sft_control", "dpo"]
+    assert [s.name for s in POLICIES] == ["sft", "ppo", "grpo", "sft_control", "dpo"]
     assert {s.name: s.command for s in STAGES}["sft_control"] == "sft"
     assert [r[0] for r in table({s.name: {} for s in STAGES})[1:]] == [s.label for s in POLICIES]
 
@@ -105,3 +105,15 @@ def test_every_stage_config_is_checked_before_the_first_stage_runs(tmp_path):
     # the control's wiring reads GRPO's wall time, which does not exist yet: a stand-in when checking ahead
     good = load_config("pipeline", section_overrides([f"run.dir={tmp_path}"]))
     check_stage_configs(list(ORDER), plan, good)
+
+
+def test_dpo_is_an_optional_policy_stage_from_the_sft_checkpoint(tmp_path):
+    from rlhf.plan import ORDER, Plan, check_stage_configs, stage_overrides
+
+    assert "dpo" not in load_config("pipeline", []).pipeline.stages  # the demo's five stages by default
+    cfg = load_config("pipeline", section_overrides([f"run.dir={tmp_path}", "pipeline.stages=[sft,dpo]",
+                                                     "dpo.algo.beta=0.2"]))
+    assert check_stages(cfg) == ["sft", "dpo"] and inputs("dpo", cfg) == ["sft"] and "dpo" in [p.name for p in POLICIES]
+    overrides = stage_overrides("dpo", Plan(tmp_path, ["sft", "dpo"]), cfg)
+    assert f"model.name_or_path={tmp_path / 'sft' / 'final'}" in overrides and "algo.beta=0.2" in overrides
+    check_stage_configs(["sft", "dpo"], Plan(tmp_path, list(ORDER)), cfg)
