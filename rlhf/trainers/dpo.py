@@ -22,7 +22,7 @@ from rlhf.engine.engine import backward, build_engine, frozen_model, optimizer_s
 from rlhf.errors import DataError
 from rlhf.models.dropout import disable_dropout
 from rlhf.models.zoo import load_policy, load_reference, load_tokenizer, training_model_config
-from rlhf.rewards.preferences import load_preferences
+from rlhf.rewards.preferences import load_preferences, rank_share
 from rlhf.rollout.experience import Experience, build_experience, response_logprobs
 from rlhf.trainers.base import Trainer
 from rlhf.trainers.held_out import HeldOut, evaluate_policy
@@ -82,8 +82,10 @@ class DPOTrainer(Trainer):
             load_reference(cfg.model, self.tokenizer, cfg.run.seed), cfg, self.world, self.engine.device)
         self.shared_prefix = self.shares_prefixes()
 
-    def losses(self, pairs: Sequence[Pair], model, grad: bool) -> tuple[torch.Tensor, dict[str, float]]:
-        """Per-pair losses [B] and the sums of their implicit rewards (chosen, rejected, margin, correct)."""
+    def losses(self, pairs: Sequence[Pair], model, grad: bool,
+               real: Optional[int] = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """Per-pair losses [B] and the sums of their implicit rewards (chosen, rejected, correct) over the first
+        `real` pairs (all of them by default: the rest pad a rank's share)."""
         algo = self.cfg.algo
         exp = pair_experience(pairs, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id).to(self.engine.device)
         with torch.set_grad_enabled(grad):
@@ -100,9 +102,10 @@ class DPOTrainer(Trainer):
             ref_chosen, ref_rejected = ref[0::2], ref[1::2]
             loss = DPO_LOSSES.get(algo.loss_type)(chosen, rejected, ref_chosen, ref_rejected, beta=algo.beta,
                                                   label_smoothing=algo.label_smoothing)
-        r_chosen = implicit_rewards(chosen.detach(), ref_chosen, algo.beta)
-        r_rejected = implicit_rewards(rejected.detach(), ref_rejected, algo.beta)
-        sums = {"pairs": float(len(pairs)), "loss": float(loss.detach().sum()), "chosen": float(r_chosen.sum()),
+        n = len(pairs) if real is None else real
+        r_chosen = implicit_rewards(chosen.detach()[:n], ref_chosen[:n], algo.beta)
+        r_rejected = implicit_rewards(rejected.detach()[:n], ref_rejected[:n], algo.beta)
+        sums = {"pairs": float(n), "loss": float(loss.detach()[:n].sum()), "chosen": float(r_chosen.sum()),
                 "rejected": float(r_rejected.sum()), "correct": float((r_chosen > r_rejected).sum())}
         return loss, sums
 
@@ -134,18 +137,15 @@ class DPOTrainer(Trainer):
         was_training = module.training
         module.eval()
         metrics: dict[str, float] = {}
-        mine = self.eval_pairs[dist.rank()::self.world]
-        size = self.cfg.eval.batch_size
-        # every rank runs the same number of forward passes (ZeRO-3's are collectives): a rank short of pairs repeats
-        # one and does not count it
-        batches = -(-(-(-len(self.eval_pairs) // self.world)) // size)
-        totals: dict[str, float] = {"pairs": 0.0, "loss": 0.0, "chosen": 0.0, "rejected": 0.0, "correct": 0.0}
-        for b in range(batches):
-            part = mine[b * size:(b + 1) * size]
-            _, sums = self.losses(part or self.eval_pairs[:1], module, grad=False)
-            if part:
-                totals = {k: totals[k] + v for k, v in sums.items()}
         if self.eval_pairs:
+            # every rank the same number of pairs, and so of forward passes (ZeRO-3's are collectives); the repeats
+            # that pad a rank's share are not counted
+            mine, real = rank_share(self.eval_pairs)
+            size, totals = self.cfg.eval.batch_size, {}
+            for start in range(0, len(mine), size):
+                _, sums = self.losses(mine[start:start + size], module, grad=False,
+                                      real=min(max(real - start, 0), size))
+                totals = {k: totals.get(k, 0.0) + v for k, v in sums.items()}
             metrics.update(self.pair_metrics(dist.all_reduce_sum(totals), "eval/"))
         module.train(was_training)
         if self.held_out is not None:
