@@ -66,10 +66,16 @@ def save_checkpoint(root: Path, step: int, engines: Mapping[str, Any], state: Ma
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _atomic_write_text(root / "latest", name)
-        for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-max(1, keep_last)]:
+        for old in finished_checkpoints(root)[:-max(1, keep_last)]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
+
+
+def finished_checkpoints(root: Path) -> list[Path]:
+    """The finished checkpoints under `root` (a run's checkpoints/), oldest first: the step_* directories, never the
+    .tmp_step_* that a kill mid-save leaves."""
+    return sorted(p for p in root.glob("step_*") if p.is_dir())
 
 
 def find_checkpoint(run_dir: Path, resume: Any) -> Path | None:
@@ -81,7 +87,7 @@ def find_checkpoint(run_dir: Path, resume: Any) -> Path | None:
         latest = root / "latest"
         if latest.exists() and (root / latest.read_text().strip()).is_dir():
             return root / latest.read_text().strip()
-        finished = sorted(p for p in root.glob("step_*") if p.is_dir())
+        finished = finished_checkpoints(root)
         if finished:
             return finished[-1]
         raise RLHFError(f"run.resume=true but {root} holds no finished checkpoint; start without run.resume "

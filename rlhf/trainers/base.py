@@ -201,9 +201,8 @@ class Trainer:
         resuming = run.resume not in (False, None, "false", "False", "")
         if dist.is_main():
             existing = [m for m in RUN_MARKERS if (self.run_dir / m).exists()]
-            checkpoints = self.run_dir / "checkpoints"
-            # a finished checkpoint is a step_* directory; a .tmp_step_* left by a kill mid-save holds nothing to keep
-            holds_work = (self.run_dir / "final").exists() or any(checkpoints.glob("step_*"))
+            finished = ckpt.finished_checkpoints(self.run_dir / "checkpoints")
+            holds_work = (self.run_dir / "final").exists() or bool(finished)
             if existing and not resuming:
                 if holds_work and not run.overwrite:
                     raise RLHFError(
