@@ -63,12 +63,20 @@ def progress(run_dir: Path, elapsed: float) -> str:
 
 class Runner:
     """Runs jobs with `workers` at a time: in this process through `run_stage` when workers is 1 (or there is one
-    job), else each in a child process of `threads` torch threads, its output in <run_dir>/stage.log."""
+    job), else each in a child process, its output in <run_dir>/stage.log.
+
+    A child gets `threads` torch threads when that is set, else the cores shared among the jobs that can run when
+    it starts (those running and those ready, at most `workers`): a job that can only run alone, as the SFT cold
+    start that every other stage reads, gets every core, two that start together one half each."""
 
     def __init__(self, run_stage: Callable[[str, list[str]], Any], echo: Callable[[str], None], workers: int = 1,
-                 threads: Optional[int] = None):
-        self.run_stage, self.echo, self.workers = run_stage, echo, max(1, workers)
-        self.threads = threads or max(1, (os.cpu_count() or 1) // self.workers)
+                 threads: Optional[int] = None, cores: Optional[int] = None):
+        self.run_stage, self.echo, self.workers, self.threads = run_stage, echo, max(1, workers), threads
+        self.cores = cores or os.cpu_count() or 1
+
+    def threads_for(self, sharing: int) -> int:
+        """Threads of a job that starts while `sharing` jobs (itself included) can run."""
+        return self.threads or max(1, self.cores // max(1, min(self.workers, sharing)))
 
     def run(self, jobs: Sequence[Job]) -> None:
         if self.workers == 1 or len(jobs) == 1:  # a job alone runs here, on every core, its output in the terminal
@@ -87,11 +95,13 @@ class Runner:
         last_report = time.time()
         try:
             while pending or running:
-                for job in [j for j in pending if all(a in done or a not in names for a in j.after)]:
+                ready = [j for j in pending if all(a in done or a not in names for a in j.after)]
+                sharing = len(running) + len(ready)
+                for job in ready:
                     if len(running) >= self.workers:
                         break
                     pending.remove(job)
-                    running[job.name] = (job, self._start(job))
+                    running[job.name] = (job, self._start(job, self.threads_for(sharing)))
                 if not running:  # pending jobs that wait on one outside the run: never happens from the pipeline
                     raise RLHFError(f"pipeline: nothing can start: {[(j.name, j.after) for j in pending]}")
                 for name, (job, (proc, log)) in list(running.items()):
@@ -117,12 +127,12 @@ class Runner:
                 proc.wait()
                 log.close()
 
-    def _start(self, job: Job):
+    def _start(self, job: Job, threads: int):
         overrides = job.overrides()
         job.run_dir.mkdir(parents=True, exist_ok=True)
-        self.echo(f"pipeline: {job.name} started ({self.threads} thread(s), output in {job.run_dir / 'stage.log'}): "
+        self.echo(f"pipeline: {job.name} started ({threads} thread(s), output in {job.run_dir / 'stage.log'}): "
                   f"rlhf {job.command.replace('_', '-')} {' '.join(overrides)}")
-        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads),
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
                "PYTHONUNBUFFERED": "1"}
         for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
             env.pop(var, None)  # each child is a world of its own

@@ -21,7 +21,7 @@ from rlhf.errors import ConfigError
 from rlhf.jobs import Job, Runner
 from rlhf.plan import (ORDER, STAGE, Plan, check_stage_configs, check_stages, inputs, section_overrides,
                        stage_overrides)
-from rlhf.report import write_report
+from rlhf.report import evaluation_jobs, write_report
 
 __all__ = ["run_pipeline", "section_overrides"]  # the cli composes the pipeline's config with section_overrides
 
@@ -53,11 +53,13 @@ def run_pipeline(cfg: DictConfig, run_stage: Callable[[str, list[str]], Any],
                         after=tuple(inputs(stage, cfg))))
         rerun.add(stage)
     check_stage_configs([job.name for job in jobs], plan, cfg)
-    runner = Runner(run_stage, echo, workers)
-    runner.run(jobs)
+    # Each policy's evaluation joins the graph after the stage that trains it, so it fills a free worker while
+    # other stages still train; the report is written once every job has finished.
+    evaluations = evaluation_jobs(plan, cfg, scheduled=[job.name for job in jobs]) if cfg.pipeline.report else []
+    Runner(run_stage, echo, workers).run(jobs + evaluations)
     if not cfg.pipeline.report:
         return {}
-    return write_report(plan, cfg, runner, echo, began=began, ran={j.name: j.wall_s for j in jobs})
+    return write_report(plan, cfg, echo, began=began, ran={j.name: j.wall_s for j in jobs}, evaluations=evaluations)
 
 
 def _overrides(stage: str, plan: Plan, cfg: DictConfig, resumable: bool) -> list[str]:

@@ -11,15 +11,16 @@ from __future__ import annotations
 import base64
 import json
 import time
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 from xml.etree.ElementTree import Element
 
 import markdown
 from markdown.treeprocessors import Treeprocessor
 from omegaconf import DictConfig, OmegaConf
 
-from rlhf.jobs import Job, Runner
+from rlhf.jobs import Job
 from rlhf.plan import POLICIES, STAGES, Plan, as_overrides, eval_data_overrides, render_value
 from rlhf.plotting import plot_against_time, plot_run
 
@@ -28,25 +29,31 @@ POLICY_KEYS = ("accuracy", "format_rate", "reward", "rm_score", "kl", "response_
 DEMO_TARGETS = {"rm_accuracy": 0.95, "ppo_gain": 0.15, "grpo_gain": 0.30, "total_wall_s": 600.0}
 
 
-def evaluation_jobs(plan: Plan, cfg: DictConfig) -> list[Job]:
-    """`rlhf eval` of every finished policy checkpoint against the SFT checkpoint, into <pipeline>/eval/<stage>,
-    on the pipeline's data (the built-in task unless its `common`/`grpo` sections set another; `report.*` last)."""
-    rm = plan.final("train_rm") if plan.finished("train_rm") else None
+def evaluation_jobs(plan: Plan, cfg: DictConfig, scheduled: Sequence[str] = ()) -> list[Job]:
+    """`rlhf eval` of every policy checkpoint, finished or `scheduled` to run, against the SFT checkpoint, into
+    <pipeline>/eval/<stage>, on the pipeline's data (the built-in task unless its `common`/`grpo` sections set
+    another; `report.*` last). A scheduled policy's evaluation runs after it (and after the reward model, whose score
+    it reports), so it can run beside the stages still training."""
     jobs = []
     for stage in POLICIES:
-        if not plan.finished(stage.name):
+        if stage.name not in scheduled and not plan.finished(stage.name):
             continue
-        run_dir = plan.root / "eval" / stage.name
-        overrides = [f"model.name_or_path={render_value(str(plan.final(stage.name)))}",
-                     f"reference={render_value(str(plan.final('sft')))}",
-                     f"run.dir={run_dir}", "run.overwrite=true", f"run.seed={cfg.run.seed}"]
-        overrides += eval_data_overrides(cfg)
-        if rm is not None:  # the reward model's (normalised) score rides along with weight 0: reported, not summed
-            overrides += ["reward.funcs=[accuracy,format,model]", "reward.weights=[1.0,0.2,0.0]",
-                          f"reward.model_path={render_value(str(rm))}", "reward.normalize=true"]
-        overrides += as_overrides(OmegaConf.to_container(cfg.report))
-        jobs.append(Job(f"eval/{stage.name}", "eval", lambda o=overrides: o, run_dir))
+        after = tuple(s for s in (stage.name, "sft", "train_rm") if s in scheduled)
+        jobs.append(Job(f"eval/{stage.name}", "eval", partial(_eval_overrides, stage.name, plan, cfg),
+                        plan.root / "eval" / stage.name, after=after))
     return jobs
+
+
+def _eval_overrides(stage: str, plan: Plan, cfg: DictConfig) -> list[str]:
+    """An evaluation's overrides, computed when it starts (the reward model may have finished since the plan)."""
+    overrides = [f"model.name_or_path={render_value(str(plan.final(stage)))}",
+                 f"reference={render_value(str(plan.final('sft')))}",
+                 f"run.dir={plan.root / 'eval' / stage}", "run.overwrite=true", f"run.seed={cfg.run.seed}"]
+    overrides += eval_data_overrides(cfg)
+    if plan.finished("train_rm"):  # the reward model's (normalised) score rides along with weight 0: reported, not summed
+        overrides += ["reward.funcs=[accuracy,format,model]", "reward.weights=[1.0,0.2,0.0]",
+                      f"reward.model_path={render_value(str(plan.final('train_rm')))}", "reward.normalize=true"]
+    return overrides + as_overrides(OmegaConf.to_container(cfg.report))
 
 
 def collect(plan: Plan) -> dict[str, dict[str, Any]]:
@@ -185,17 +192,15 @@ def render_html(markdown_text: str, root: Path) -> str:
            f"</style></head><body>{body}</body></html>\n"
 
 
-def write_report(plan: Plan, cfg: DictConfig, runner: Runner, echo: Callable[[str], None] = print,
-                 began: Optional[float] = None, ran: Optional[dict[str, float]] = None) -> dict[str, Any]:
-    """Evaluate every policy (with `runner`, side by side where it runs several jobs), then write summary.json,
-    report.md, report.html and the plots. The total wall time is this invocation's, from `began` (the pipeline's
-    start) to the report, plus the recorded wall time of the stages it skipped because they had finished before
-    (`ran` names the ones it ran)."""
-    eval_began = time.time()
-    began = eval_began if began is None else began
-    runner.run(evaluation_jobs(plan, cfg))
+def write_report(plan: Plan, cfg: DictConfig, echo: Callable[[str], None] = print, began: Optional[float] = None,
+                 ran: Optional[dict[str, float]] = None, evaluations: Sequence[Job] = ()) -> dict[str, Any]:
+    """Write summary.json, report.md, report.html and the plots from the stages' and `evaluations`' outputs. The
+    total wall time is this invocation's, from `began` (the pipeline's start) to the report, plus the recorded wall
+    time of the stages it skipped because they had finished before (`ran` names the ones it ran)."""
+    began = time.time() if began is None else began
     stages = collect(plan)
-    eval_s = time.time() - eval_began
+    spans = [(j.began, j.began + j.wall_s) for j in evaluations if j.began]
+    eval_s = max(end for _, end in spans) - min(start for start, _ in spans) if spans else 0.0
     skipped = [s for s in plan.stages if s not in (ran or {}) and s in stages]
     total = time.time() - began + sum(float(stages[s].get("wall_s") or 0.0) for s in skipped)
     targets = check_targets(stages, total)

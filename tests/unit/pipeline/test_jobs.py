@@ -90,3 +90,11 @@ def test_progress_reads_the_step_and_estimates_the_time_left(tmp_path):
     (tmp_path / "config.yaml").write_text("trainer:\n  max_steps: 1000000\n  max_time_s: 80\n")
     assert jobs.progress(tmp_path, elapsed=50.0) == "step 25, eta 30 s"
     assert jobs.progress(tmp_path / "none", elapsed=1.0) == "starting"
+
+
+def test_a_job_that_can_only_run_alone_gets_every_core(tmp_path, fake, monkeypatch):
+    monkeypatch.setitem(AFTER, "train_rm", ("sft",))  # the reward model from the SFT checkpoint: sft runs alone
+    Runner(lambda *a: None, lambda line: None, workers=2, cores=2).run(make_jobs(tmp_path))
+    threads = {name: env["OMP_NUM_THREADS"] for name, env in fake.envs.items()}
+    assert threads["sft"] == "2" and threads["train_rm"] == threads["grpo"] == "1"
+    assert fake.most == 2

@@ -30,7 +30,7 @@ def test_pipeline_config_keeps_stage_sections():
     cfg = load_config("pipeline", section_overrides(["grpo.trainer.max_steps=5", "ppo.algo.kl_coef=0.1"]))
     assert flatten(OmegaConf.to_container(cfg.grpo))["trainer.max_steps"] == 5
     assert flatten(OmegaConf.to_container(cfg.ppo))["algo.kl_coef"] == 0.1
-    assert flatten(OmegaConf.to_container(cfg.grpo))["trainer.eval_every"] == 35  # conf/pipeline.yaml's value kept
+    assert flatten(OmegaConf.to_container(cfg.grpo))["trainer.eval_every"] == 25  # conf/pipeline.yaml's value kept
 
 
 def test_stage_inputs_follow_the_recipe():
@@ -38,8 +38,8 @@ def test_stage_inputs_follow_the_recipe():
     assert inputs("ppo", cfg) == ["sft", "train_rm"]
     assert inputs("grpo", cfg) == ["sft"]
     assert inputs("sft_control", cfg) == ["sft", "grpo"]
-    assert inputs("train_rm", cfg) == []  # the demo's reward model starts from scratch (pipeline.rm_init=config)
-    assert inputs("train_rm", load_config("pipeline", ["pipeline.rm_init=sft"])) == ["sft"]
+    assert inputs("train_rm", cfg) == ["sft"]  # the demo's reward model starts from the SFT checkpoint
+    assert inputs("train_rm", load_config("pipeline", ["pipeline.rm_init=config"])) == []
     with_rm = load_config("pipeline", section_overrides(["grpo.reward.funcs=[accuracy,model]"]))
     assert inputs("grpo", with_rm) == ["sft", "train_rm"]
 
