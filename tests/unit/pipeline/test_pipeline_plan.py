@@ -117,3 +117,15 @@ def test_dpo_is_an_optional_policy_stage_from_the_sft_checkpoint(tmp_path):
     overrides = stage_overrides("dpo", Plan(tmp_path, ["sft", "dpo"]), cfg)
     assert f"model.name_or_path={tmp_path / 'sft' / 'final'}" in overrides and "algo.beta=0.2" in overrides
     check_stage_configs(["sft", "dpo"], Plan(tmp_path, list(ORDER)), cfg)
+
+
+def test_the_recipe_fills_the_stage_sections_and_a_user_key_goes_on_top():
+    demo = load_config("pipeline", [])
+    assert flatten(OmegaConf.to_container(demo.grpo))["trainer.max_steps"] == 50  # conf/recipe/demo.yaml
+    assert demo.pipeline.rm_init == "sft"
+    full = load_config("pipeline", section_overrides(["recipe=full", "ppo.trainer.lr=3e-4"]))
+    assert flatten(OmegaConf.to_container(full.grpo))["trainer.max_steps"] == 140
+    assert full.pipeline.rm_init == "config" and inputs("train_rm", full) == []
+    assert OmegaConf.to_container(full.ppo) == {"trainer": {"lr": 3e-4}}
+    with pytest.raises(ConfigError, match="recipe"):
+        load_config("pipeline", ["recipe=fastest"])
