@@ -143,7 +143,8 @@ for _stage in STAGES:
                   "from the previous one's final/, then report.md/report.html and summary.json in run.dir. Finished "
                   "stages are skipped on a re-run (pipeline.force=[stage] runs one again).\n\n"
                   "Overrides: pipeline.stages=[sft,grpo], common.<key>=... for every stage, <stage>.<key>=... for one "
-                  "(grpo.trainer.max_steps=50, ppo.algo.kl_coef=0.1), report.<key>=... for the evaluation.")
+                  "(grpo.trainer.max_steps=50, ppo.algo.kl_coef=0.1), report.<key>=... for the evaluation; "
+                  "recipe=full for the longer recipe in place of the 10-minute demo (conf/recipe/).")
 def pipeline(ctx: typer.Context,
              cfg: Optional[str] = typer.Option(None, "--cfg", help="Print the resolved config ('job') and exit.")):
     from rlhf.config import load_config

@@ -259,7 +259,9 @@ def test_a_shared_prompt_run_once_gives_the_scores_and_gradients_of_one_pass_per
         hidden = hidden_states(model, batch["input_ids"], batch["attention_mask"], **kwargs)
         (hidden * batch["attention_mask"][..., None]).square().sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
-    torch.testing.assert_close(grads[1], grads[0], atol=1e-4, rtol=1e-4)
+    # the same sums in another order: GPT-2's gradient (transformers 5.25) differs by up to 1.2e-4 (0.2%) on single
+    # elements, where a wrong mask or position would move many elements by far more
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-4, rtol=1e-3)
 
 
 def test_sum_score_is_the_sum_of_response_token_rewards(model_dirs):
