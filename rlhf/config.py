@@ -595,6 +595,8 @@ class PipelineConfig:
     run: RunConfig = field(default_factory=RunConfig)
     """run.dir is the pipeline directory (each stage runs in a sub-directory); run.seed goes to every stage."""
     pipeline: PipelineOptions = field(default_factory=PipelineOptions)
+    recipe_stages: Dict[str, Any] = field(default_factory=dict)
+    """The recipe's settings of each stage (conf/recipe/<recipe>.yaml, chosen with `recipe=demo` or `recipe=full`), keyed by stage; `common.*` and the stage's own section go on top of them."""
     common: Dict[str, Any] = field(default_factory=dict)
     """Overrides for every stage, as nested keys or dotted ones (`common.deepspeed: zero2`, `common.launcher.nproc_per_node: 2`)."""
     sft: Dict[str, Any] = field(default_factory=dict)

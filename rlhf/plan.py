@@ -121,9 +121,19 @@ def inputs(stage: str, cfg: DictConfig) -> list[str]:
     return out
 
 
+def recipe_section(stage: str, cfg: DictConfig) -> dict[str, Any]:
+    """The recipe's settings of a stage (conf/recipe/), flattened."""
+    return flatten(OmegaConf.to_container(cfg.recipe_stages).get(stage) or {})
+
+
+def section(stage: str, cfg: DictConfig) -> dict[str, Any]:
+    """A stage's settings from the recipe and its own section (which wins), flattened."""
+    return {**recipe_section(stage, cfg), **flatten(OmegaConf.to_container(cfg[stage]))}
+
+
 def _grpo_uses_rm(cfg: DictConfig) -> bool:
-    funcs = flatten(OmegaConf.to_container(cfg.grpo)).get("reward.funcs") or []
-    return "model" in funcs or flatten(OmegaConf.to_container(cfg.grpo)).get("reward") == "model"
+    grpo = section("grpo", cfg)
+    return "model" in (grpo.get("reward.funcs") or []) or grpo.get("reward") == "model"
 
 
 def wiring(stage: str, plan: Plan, cfg: DictConfig, ahead: bool = False) -> list[str]:
@@ -164,9 +174,12 @@ def applies(command: str, key: str) -> bool:
 
 
 def stage_overrides(stage: str, plan: Plan, cfg: DictConfig, ahead: bool = False) -> list[str]:
+    """The wiring, then the recipe's settings of the stage, then `common.*`, then the stage's own section: each
+    later one wins, so a user's `common.trainer.micro_batch_size=4` reaches every stage whatever the recipe says."""
     command = STAGE[stage].command
     common = {k: v for k, v in flatten(OmegaConf.to_container(cfg.common)).items() if applies(command, k)}
-    return wiring(stage, plan, cfg, ahead) + as_overrides(common) + as_overrides(OmegaConf.to_container(cfg[stage]))
+    return (wiring(stage, plan, cfg, ahead) + as_overrides(recipe_section(stage, cfg)) + as_overrides(common)
+            + as_overrides(OmegaConf.to_container(cfg[stage])))
 
 
 def check_stage_configs(stages: list[str], plan: Plan, cfg: DictConfig) -> None:
@@ -184,9 +197,8 @@ def eval_data_overrides(cfg: DictConfig) -> list[str]:
     (`common.data*`, then GRPO's `grpo.data*`: the prompts its verifier scores, as the evaluation's rule reward
     does). `report.data*` comes after these and wins."""
     out = ["data=arithmetic"]
-    for section in ("common", "grpo"):
-        out += [o for o in as_overrides(OmegaConf.to_container(cfg[section]))
-                if o.split("=", 1)[0] == "data" or o.startswith("data.")]
+    for settings in (flatten(OmegaConf.to_container(cfg.common)), section("grpo", cfg)):
+        out += [o for o in as_overrides(settings) if o.split("=", 1)[0] == "data" or o.startswith("data.")]
     return out
 
 

@@ -34,7 +34,7 @@ ARGS = [
     "sft.trainer.max_steps=3", "sft.trainer.save_every=2", "sft.trainer.keep_last=5", "train_rm.trainer.max_steps=3",
     "ppo.trainer.max_steps=2", "ppo.trainer.prompts_per_step=8", "ppo.algo.mini_batches=1",
     "grpo.trainer.max_steps=2", "grpo.trainer.save_every=1", "grpo.trainer.keep_last=5",
-    "grpo.trainer.prompts_per_step=4", "grpo.algo.group_size=2", "grpo.trainer.micro_batch_size=4", "grpo.algo.beta=0.04",
+    "grpo.trainer.prompts_per_step=4", "grpo.algo.group_size=2", "grpo.algo.beta=0.04",
     "grpo.reward.funcs=[tests.integration.rewards_for_tests:varied]", "grpo.reward.weights=[1.0]",
     "pipeline.stages=[sft,train_rm,ppo,grpo]", "pipeline.report=false",
     # ZeRO-3 can run neither the LM term nor length buckets, and one single-process run serves both stages

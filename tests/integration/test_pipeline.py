@@ -9,7 +9,7 @@ from tests.integration.conftest import FAST, run_cli
 
 STEPS = ["sft.trainer.max_steps=6", "train_rm.trainer.max_steps=4", "ppo.trainer.max_steps=2",
          "grpo.trainer.max_steps=2", "common.trainer.eval_every=0", "common.trainer.save_every=0",
-         "grpo.trainer.prompts_per_step=4", "grpo.algo.group_size=2", "grpo.trainer.micro_batch_size=4", "ppo.trainer.prompts_per_step=8",
+         "grpo.trainer.prompts_per_step=4", "grpo.algo.group_size=2", "ppo.trainer.prompts_per_step=8",
          "ppo.trainer.micro_batch_size=4",
          "common.rollout.max_new_tokens=8", "report.eval.max_new_tokens=8", "report.eval.num_examples=8"]
 

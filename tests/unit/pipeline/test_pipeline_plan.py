@@ -5,8 +5,8 @@ from omegaconf import OmegaConf
 
 from rlhf.config import load_config
 from rlhf.errors import ConfigError
-from rlhf.plan import (POLICIES, STAGES, applies, as_overrides, check_stages, eval_data_overrides, flatten, inputs,
-                       section_overrides)
+from rlhf.plan import (POLICIES, STAGES, Plan, applies, as_overrides, check_stages, eval_data_overrides, flatten,
+                       inputs, section, section_overrides, stage_overrides)
 from rlhf.report import check_targets, table
 
 
@@ -30,7 +30,7 @@ def test_pipeline_config_keeps_stage_sections():
     cfg = load_config("pipeline", section_overrides(["grpo.trainer.max_steps=5", "ppo.algo.kl_coef=0.1"]))
     assert flatten(OmegaConf.to_container(cfg.grpo))["trainer.max_steps"] == 5
     assert flatten(OmegaConf.to_container(cfg.ppo))["algo.kl_coef"] == 0.1
-    assert flatten(OmegaConf.to_container(cfg.grpo))["trainer.eval_every"] == 25  # conf/pipeline.yaml's value kept
+    assert section("grpo", cfg)["trainer.eval_every"] == 25  # the recipe's value kept beside the user's
 
 
 def test_stage_inputs_follow_the_recipe():
@@ -119,13 +119,18 @@ def test_dpo_is_an_optional_policy_stage_from_the_sft_checkpoint(tmp_path):
     check_stage_configs(["sft", "dpo"], Plan(tmp_path, list(ORDER)), cfg)
 
 
-def test_the_recipe_fills_the_stage_sections_and_a_user_key_goes_on_top():
+def test_the_recipe_sets_each_stage_under_common_and_the_stage_section(tmp_path):
     demo = load_config("pipeline", [])
-    assert flatten(OmegaConf.to_container(demo.grpo))["trainer.max_steps"] == 50  # conf/recipe/demo.yaml
+    assert section("grpo", demo)["trainer.max_steps"] == 50  # conf/recipe/demo.yaml
     assert demo.pipeline.rm_init == "sft"
     full = load_config("pipeline", section_overrides(["recipe=full", "ppo.trainer.lr=3e-4"]))
-    assert flatten(OmegaConf.to_container(full.grpo))["trainer.max_steps"] == 140
+    assert section("grpo", full)["trainer.max_steps"] == 140
     assert full.pipeline.rm_init == "config" and inputs("train_rm", full) == []
-    assert OmegaConf.to_container(full.ppo) == {"trainer": {"lr": 3e-4}}
+    assert section("ppo", full) == {"trainer.lr": 3e-4}
     with pytest.raises(ConfigError, match="recipe"):
         load_config("pipeline", ["recipe=fastest"])
+    # the recipe's GRPO micro-batch (64) comes first, a user's common one after it, the stage's own section last
+    cfg = load_config("pipeline", section_overrides(["common.trainer.micro_batch_size=4", "grpo.trainer.lr=1e-5"]))
+    grpo = stage_overrides("grpo", Plan(tmp_path, ["grpo"]), cfg)
+    assert grpo.index("trainer.micro_batch_size=64") < grpo.index("trainer.micro_batch_size=4")
+    assert grpo.index("trainer.lr=0.0002") < grpo.index("trainer.lr=1e-05")
