@@ -48,6 +48,7 @@ class Workload:
     prompts: int = 8  # RL prompts per step (PPO: prompts x group prompts of one sample each)
     group: int = 8  # GRPO samples per prompt
     prompt_len: int = 16
+    prompt_len_min: int = 0  # > 0 (at least 6): each prompt's length uniform in [prompt_len_min, prompt_len]
     response_len: int = 32  # SFT / RM response tokens (EOS added), RL max_new_tokens
     response_len_min: int = 0  # > 0: each SFT / RM response's length uniform in [response_len_min, response_len]
     steps: int = 6
@@ -66,6 +67,10 @@ class Workload:
     @property
     def micro(self) -> int:
         return min(self.batch, self.samples)
+
+    @property
+    def mean_prompt_len(self) -> float:
+        return (self.prompt_len + (self.prompt_len_min or self.prompt_len)) / 2
 
     @property
     def supervised_response_len(self) -> float:
@@ -98,10 +103,10 @@ def step_flops(stage: str, w: Workload, vocab: int, response_len: float) -> dict
         return forward_flops(params, w.num_layers, w.hidden_size, n)
 
     if stage == "sft":
-        return {"train": 3 * w.batch * fwd(lm, w.prompt_len + response_len)}
+        return {"train": 3 * w.batch * fwd(lm, w.mean_prompt_len + response_len)}
     if stage == "train-rm":  # chosen and rejected each go through the model
-        return {"train": 3 * 2 * w.batch * fwd(rm, w.prompt_len + response_len)}
-    seq, n = w.prompt_len + response_len, w.samples
+        return {"train": 3 * 2 * w.batch * fwd(rm, w.mean_prompt_len + response_len)}
+    seq, n = w.mean_prompt_len + response_len, w.samples
     reference = n * fwd(lm, seq) if w.kl_coef else 0.0
     if stage == "grpo":  # one pass per step: the old log-probs are the current ones, not recomputed
         return {"generate": n * fwd(lm, seq), "logprob": reference, "train": 3 * n * fwd(lm, seq)}
@@ -179,7 +184,8 @@ def sync(device: str) -> None:
 
 # ---- inputs: one model directory, one data set per kind ---------------------------------------------------------
 def synthetic_rows(n: int, w: Workload) -> dict[str, list[dict]]:
-    """Prompts `0...47+38=` of prompt_len characters (answer 85, for the accuracy reward) and responses of
+    """Prompts `0...47+38=` of prompt_len characters, or of a length uniform in [prompt_len_min, prompt_len] drawn
+    for each prompt (answer 85, for the accuracy reward), and responses of
     response_len random digits, or of a length uniform in [response_len_min, response_len] drawn for each response
     (chosen and rejected alike); what the responses say does not matter to a throughput benchmark."""
     if w.prompt_len < 6:
@@ -193,7 +199,8 @@ def synthetic_rows(n: int, w: Workload) -> dict[str, list[dict]]:
     kinds: dict[str, list[dict]] = {"sft": [], "prefs": [], "prompts": []}
     for _ in range(n):
         a, b = rng.randint(10, 99), rng.randint(10, 99)
-        prompt = f"{a}+{b}=".rjust(w.prompt_len, "0")
+        prompt = f"{a}+{b}=".rjust(rng.randint(w.prompt_len_min, w.prompt_len) if w.prompt_len_min else w.prompt_len,
+                                   "0")
         kinds["sft"].append({"prompt": prompt, "completion": digits()})
         kinds["prefs"].append({"prompt": prompt, "chosen": digits(), "rejected": digits()})
         kinds["prompts"].append({"prompt": prompt, "answer": str(a + b)})
@@ -325,12 +332,12 @@ def summarise(stage: str, impl: str, rows: list[dict[str, Any]], w: Workload, vo
     phase_s = {p: mean(f"time/{p}_s") for p in PHASES}
     if stage in RL_STAGES:
         response = mean("response/length_mean")
-        samples, seq = w.samples, w.prompt_len + response
+        samples, seq = w.samples, w.mean_prompt_len + response
         generated, trained = samples * response, samples * seq
     else:
         phase_s["train"] = step_s  # a supervised step is all training
         response = w.supervised_response_len
-        seq = w.prompt_len + response
+        seq = w.mean_prompt_len + response
         samples, generated = w.batch, 0.0
         trained = w.batch * seq * (2 if stage == "train-rm" else 1)
     phase_s["other"] = max(step_s - sum(phase_s.values()), 0.0)
@@ -585,10 +592,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     w = Workload(**{f.name: getattr(args, f.name) for f in fields(Workload)})
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = set(stages) - set(STAGES)
-    if unknown or w.dtype not in ("fp32", "bf16") or w.samples % w.micro or w.response_len_min > w.response_len:
+    if (unknown or w.dtype not in ("fp32", "bf16") or w.samples % w.micro or w.response_len_min > w.response_len
+            or w.prompt_len_min > w.prompt_len or 0 < w.prompt_len_min < 6):
         raise SystemExit(f"bad arguments: stages must be among {STAGES}, dtype fp32 or bf16, the RL samples "
-                         f"(prompts x group = {w.samples}) a multiple of min(batch, samples) = {w.micro}, and "
-                         f"--response-len-min at most --response-len")
+                         f"(prompts x group = {w.samples}) a multiple of min(batch, samples) = {w.micro}, "
+                         f"--response-len-min at most --response-len, and --prompt-len-min 0 or in [6, --prompt-len]")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     out = Path(args.out or Path("outputs/bench") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
     out.mkdir(parents=True, exist_ok=True)

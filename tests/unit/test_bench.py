@@ -119,6 +119,13 @@ def test_synthetic_rows_spread_in_length():
     assert bench.step_flops("train-rm", w, 64, w.supervised_response_len)["train"] == \
         bench.step_flops("train-rm", bench.Workload(prompt_len=9, response_len=24), 64, 25)["train"]
 
+    prompts = [len(r["prompt"]) for r in bench.synthetic_rows(200, bench.Workload(prompt_len=24, prompt_len_min=6))["sft"]]
+    assert min(prompts) >= 6 and max(prompts) <= 24 and len(set(prompts)) > 10
+    mixed = bench.Workload(prompt_len=24, prompt_len_min=6, response_len=20)
+    assert mixed.mean_prompt_len == 15
+    assert bench.step_flops("sft", mixed, 64, 21)["train"] == \
+        bench.step_flops("sft", bench.Workload(prompt_len=15, response_len=20), 64, 21)["train"]
+
 
 def test_report_and_ratios(tmp_path):
     ours = {"stage": "grpo", "impl": "ours", "samples_per_s": 4.0, "gen_tokens_per_s": 10.0, "train_tokens_per_s": 8.0,
