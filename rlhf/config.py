@@ -535,6 +535,8 @@ class DPOAlgoConfig:
     """Probability that a preference label is flipped, in [0, 0.5) (sigmoid, robust and simpo)."""
     simpo_gamma_beta_ratio: float = 0.5
     """simpo: the target margin gamma as a multiple of beta."""
+    precompute_reference: bool = False
+    """Compute the reference's log-probs of every training and held-out pair once, before the first step, keep them with the run (reference_logps.pt, read again on resume) and free the reference: one model in memory while training (TRL's precompute_ref_log_probs)."""
     on_invalid: DropOrError = DropOrError.drop
     """Preference rows with identical or empty responses: drop (and count) or error."""
 

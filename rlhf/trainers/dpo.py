@@ -33,6 +33,7 @@ class Pair:
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
+    reference: Optional[tuple[float, float]] = None  # the reference's summed log-probs of (chosen, rejected), cached
 
     @property
     def length(self) -> int:
@@ -81,6 +82,32 @@ class DPOTrainer(Trainer):
         self.reference = None if algo.loss_type == "simpo" else frozen_model(
             load_reference(cfg.model, self.tokenizer, cfg.run.seed), cfg, self.world, self.engine.device)
         self.shared_prefix = self.shares_prefixes()
+        if self.reference is not None and algo.precompute_reference:
+            self.cache_reference()
+
+    def cache_reference(self) -> None:
+        """The reference's log-probs of every pair, from the run's reference_logps.pt when it holds them (a resumed
+        run), else computed now (every process computes all of them: the same passes on every rank, as ZeRO-3's
+        collectives need) and saved; then the reference is freed."""
+        pairs = self.train + self.eval_pairs
+        path = self.run_dir / "reference_logps.pt"
+        cached = torch.load(path) if path.is_file() else None
+        if cached is None or cached.shape != (len(pairs), 2):
+            size, parts = self.cfg.eval.batch_size, []
+            for start in range(0, len(pairs), size):
+                exp = pair_experience(pairs[start:start + size], self.tokenizer.pad_token_id,
+                                      self.tokenizer.eos_token_id).to(self.engine.device)
+                with torch.no_grad():
+                    parts.append(sequence_logprobs(self.reference, exp, self.shared_prefix).view(-1, 2).cpu())
+            cached = torch.cat(parts)
+            if dist.rank() == 0:
+                tmp = path.with_suffix(".tmp")
+                torch.save(cached, tmp)
+                tmp.replace(path)
+            self._info(f"reference log-probs of {len(pairs)} pairs computed and kept in {path}; the reference is freed")
+        for pair, (chosen, rejected) in zip(pairs, cached.tolist()):
+            pair.reference = (chosen, rejected)
+        self.reference = None
 
     def losses(self, pairs: Sequence[Pair], model, grad: bool,
                real: Optional[int] = None) -> tuple[torch.Tensor, dict[str, float]]:
@@ -91,14 +118,17 @@ class DPOTrainer(Trainer):
         with torch.set_grad_enabled(grad):
             logps = sequence_logprobs(model, exp, self.shared_prefix)
         chosen, rejected = logps[0::2], logps[1::2]
-        if self.reference is None:
+        if self.reference is None and pairs[0].reference is None:  # simpo: no reference
             lengths = exp.action_mask.sum(-1)
             loss = simpo_loss(chosen, rejected, lengths[0::2], lengths[1::2], beta=algo.beta,
                               gamma_beta_ratio=algo.simpo_gamma_beta_ratio, label_smoothing=algo.label_smoothing)
             ref_chosen = ref_rejected = torch.zeros_like(chosen)
         else:
-            with torch.no_grad():
-                ref = sequence_logprobs(self.reference, exp, self.shared_prefix)
+            if pairs[0].reference is not None:  # algo.precompute_reference
+                ref = torch.tensor([p.reference for p in pairs], dtype=logps.dtype, device=logps.device).flatten()
+            else:
+                with torch.no_grad():
+                    ref = sequence_logprobs(self.reference, exp, self.shared_prefix)
             ref_chosen, ref_rejected = ref[0::2], ref[1::2]
             loss = DPO_LOSSES.get(algo.loss_type)(chosen, rejected, ref_chosen, ref_rejected, beta=algo.beta,
                                                   label_smoothing=algo.label_smoothing)

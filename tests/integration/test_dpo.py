@@ -15,8 +15,9 @@ PAIRS = ["data.arithmetic.num_train=64", "data.arithmetic.num_eval=16", "trainer
 
 
 def test_dpo_end_to_end(tmp_path, fast):
-    run_dir = tmp_path / "dpo"
-    run_cli("dpo", f"run.dir={run_dir}", *fast, *PAIRS)
+    run_dir = tmp_path / "dpo"  # the reference's log-probs computed once and kept (the live reference: test_exact_resume)
+    run_cli("dpo", f"run.dir={run_dir}", *fast, *PAIRS, "algo.precompute_reference=true")
+    assert (run_dir / "reference_logps.pt").is_file()
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     first = next(r for r in records if "loss" in r)
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "grad_norm"):

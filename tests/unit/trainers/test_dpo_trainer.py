@@ -55,3 +55,23 @@ def test_simpo_needs_no_reference_and_reads_the_lengths():
     expected = simpo_loss(logps[0::2], logps[1::2], lengths[0::2], lengths[1::2], beta=0.1, gamma_beta_ratio=0.5)
     torch.testing.assert_close(loss, expected)
     assert loss.requires_grad
+
+
+def test_a_precomputed_reference_gives_the_live_losses_and_frees_the_model(tmp_path):
+    t, model = trainer("sigmoid")
+    torch.manual_seed(0)
+    with torch.no_grad():  # a policy away from its reference, so the reference's log-probs count
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    pairs = copy.deepcopy(PAIRS)
+    live, _ = t.losses(pairs, model, grad=False)
+    assert not torch.allclose(live, torch.full_like(live, math.log(2.0)))
+    t.train, t.eval_pairs, t.run_dir = pairs, [], tmp_path
+    t.cache_reference()
+    assert t.reference is None and (tmp_path / "reference_logps.pt").is_file()
+    cached, _ = t.losses(pairs, model, grad=False)
+    torch.testing.assert_close(cached, live)
+    resumed = copy.deepcopy(PAIRS)  # a resumed run reads the file: no reference is there to compute with
+    t.train = resumed
+    t.cache_reference()
+    assert [p.reference for p in resumed] == [p.reference for p in pairs]
