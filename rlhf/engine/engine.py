@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import copy
 import math
+import weakref
 from functools import partial
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -97,8 +98,20 @@ def build_engine(model: torch.nn.Module, cfg: DictConfig, world_size: int, lr: f
         config=deepspeed_config(cfg, world_size, lr, grad_accum),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
     )
-    engine.rlhf_guard = StepGuard(cfg.guard.max_bad_steps, zero_stage(engine))
+    _GUARDS[engine] = StepGuard(cfg.guard.max_bad_steps, zero_stage(engine))
     return engine
+
+
+_GUARDS: "weakref.WeakKeyDictionary[Any, StepGuard]" = weakref.WeakKeyDictionary()
+"""The numeric guard of each training engine build_engine made, kept beside the engine rather than set on it."""
+
+
+def guard_of(engine) -> Optional[StepGuard]:
+    """The numeric guard of a training engine from build_engine (None for any other engine or module)."""
+    try:
+        return _GUARDS.get(engine)
+    except TypeError:  # an object that cannot be weakly referenced was never an engine of ours
+        return None
 
 
 def frozen_model(model: torch.nn.Module, cfg: DictConfig, world_size: int, device: torch.device) -> torch.nn.Module:
@@ -138,7 +151,7 @@ def zero_stage(engine) -> int:
 
 def backward(engine, loss: torch.Tensor, what: str = "loss") -> None:
     """engine.backward(loss), unless the loss is not finite: then a zero-gradient stand-in (see engine.guard)."""
-    guard = getattr(engine, "rlhf_guard", None)
+    guard = guard_of(engine)
     engine.backward(loss if guard is None else guard.checked_loss(engine, loss, what))
 
 
@@ -151,7 +164,7 @@ def optimizer_step(engine) -> float | None:
     if boundary and zero_stage(engine) == 0 and not (engine.bfloat16_enabled() or engine.fp16_enabled()):
         grads = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
         norm = float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
-    guard = getattr(engine, "rlhf_guard", None)
+    guard = guard_of(engine)
     if boundary and guard is not None:
         guard.gradient_norm(norm)
     if boundary and guard is not None and guard.skip:

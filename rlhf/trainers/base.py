@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rlhf.engine import checkpoint as ckpt
 from rlhf.engine import distributed as dist
-from rlhf.engine.engine import configured_zero_stage
+from rlhf.engine.engine import configured_zero_stage, guard_of
 from rlhf.errors import ConfigError, RLHFError
 from rlhf.tracking import MetricLogger
 from rlhf.plotting import plot_run
@@ -132,7 +132,7 @@ class Trainer:
                 metrics = self.train_step()
                 self.step += 1
                 for engine in self.engines.values():
-                    guard = getattr(engine, "rlhf_guard", None)
+                    guard = guard_of(engine)
                     metrics.update(guard.end_step(self.step) if guard is not None else {})
                 metrics["lr"] = next(iter(self.engines.values())).get_lr()[0] if self.engines else None
                 metrics["time/step_s"] = time.time() - began
@@ -219,7 +219,7 @@ class Trainer:
         dist.barrier()
 
     def _save(self) -> None:
-        guards = {role: e.rlhf_guard.total for role, e in self.engines.items() if getattr(e, "rlhf_guard", None)}
+        guards = {role: guard_of(e).total for role, e in self.engines.items() if guard_of(e) is not None}
         state = {"step": self.step, "samples_seen": self.samples_seen, "world_size": self.world,
                  "zero_stage": self.zero_stage(), "stage": self.stage, "guard_skipped_total": guards,
                  **self.extra_state()}
@@ -243,8 +243,9 @@ class Trainer:
             raise ConfigError(f"checkpoint {path} is from stage {state.get('stage')!r}, not {self.stage!r}")
         self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
         for role, total in state.get("guard_skipped_total", {}).items():
-            if getattr(self.engines.get(role), "rlhf_guard", None) is not None:
-                self.engines[role].rlhf_guard.total = int(total)
+            guard = guard_of(self.engines.get(role))
+            if guard is not None:
+                guard.total = int(total)
         self.load_extra_state(state)
 
     # ---- shared helpers for stages -------------------------------------------------------------------

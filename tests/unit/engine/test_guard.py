@@ -15,7 +15,7 @@ SCRIPT = textwrap.dedent("""
     import torch
     from rlhf.config import load_config
     from rlhf.engine import distributed as dist
-    from rlhf.engine.engine import backward, build_engine, optimizer_step
+    from rlhf.engine.engine import backward, build_engine, guard_of, optimizer_step
     from rlhf.errors import RLHFError
     from rlhf.models.tiny import build_tiny_model
     from rlhf.models.tokenizer import build_char_tokenizer
@@ -38,7 +38,7 @@ SCRIPT = textwrap.dedent("""
                     loss = loss * float("nan")
                 backward(engine, loss)
                 optimizer_step(engine)
-            return engine.rlhf_guard.end_step(1)
+            return guard_of(engine).end_step(1)
 
         before = weights()
         assert step(poison=1) == {"guard/skipped": 1.0, "guard/skipped_total": 1.0}
@@ -75,3 +75,15 @@ def test_guard_counts_and_resets():
     assert guard.skip
     with pytest.raises(RLHFError, match="step 2: non-finite gradient norm"):
         guard.end_step(2)
+
+
+def test_guard_of_answers_for_the_engines_given_one_only():
+    from rlhf.engine import engine as engines
+
+    class Engine:  # stands in for a DeepSpeed engine
+        pass
+
+    ours, other = Engine(), Engine()
+    engines._GUARDS[ours] = StepGuard(3, 0)
+    assert engines.guard_of(ours) is engines._GUARDS[ours]
+    assert engines.guard_of(other) is None and engines.guard_of(None) is None and engines.guard_of(1) is None
