@@ -79,7 +79,9 @@ class Runner:
         return self.threads or max(1, self.cores // max(1, min(self.workers, sharing)))
 
     def run(self, jobs: Sequence[Job]) -> None:
-        if self.workers == 1 or len(jobs) == 1:  # a job alone runs here, on every core, its output in the terminal
+        # Jobs that can only run one at a time (one worker, or each job reading the one before it, as a lone stage
+        # and its evaluation) run here, on every core, their output in the terminal.
+        if self.workers == 1 or all(before.name in job.after for before, job in zip(jobs, jobs[1:])):
             for job in jobs:
                 overrides = job.overrides()
                 self.echo(f"pipeline: {job.name}: rlhf {job.command.replace('_', '-')} {' '.join(overrides)}")

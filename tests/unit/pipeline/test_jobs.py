@@ -81,6 +81,11 @@ def test_one_worker_or_one_job_runs_in_this_process_in_order(tmp_path, fake):
     Runner(lambda command, overrides: calls.append(overrides[0]), lambda line: None, workers=2).run(
         make_jobs(tmp_path)[:1])
     assert calls[-1] == "run.dir=/r/sft" and fake.started == []
+    # a chain (each job reads the one before it, as a lone stage and its evaluation) cannot run side by side either
+    chain = [Job("grpo", "grpo", lambda: ["run.dir=/r/grpo"], tmp_path / "grpo"),
+             Job("eval/grpo", "eval", lambda: ["run.dir=/r/eval"], tmp_path / "eval", after=("grpo",))]
+    Runner(lambda command, overrides: calls.append(overrides[0]), lambda line: None, workers=2).run(chain)
+    assert calls[-2:] == ["run.dir=/r/grpo", "run.dir=/r/eval"] and fake.started == []
 
 
 def test_progress_reads_the_step_and_estimates_the_time_left(tmp_path):
