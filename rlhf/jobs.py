@@ -62,8 +62,9 @@ def progress(run_dir: Path, elapsed: float) -> str:
 
 
 class Runner:
-    """Runs jobs with `workers` at a time: in this process through `run_stage` when workers is 1 (or there is one
-    job), else each in a child process, its output in <run_dir>/stage.log.
+    """Runs jobs with `workers` at a time: in this process through `run_stage` when workers is 1 or the jobs can
+    only run one after another (each reads the one before it), else each in a child process, its output in
+    <run_dir>/stage.log.
 
     A child gets `threads` torch threads when that is set, else the cores shared among the jobs that can run when
     it starts (those running and those ready, at most `workers`): a job that can only run alone, as the SFT cold

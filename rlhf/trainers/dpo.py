@@ -118,7 +118,7 @@ class DPOTrainer(Trainer):
         with torch.set_grad_enabled(grad):
             logps = sequence_logprobs(model, exp, self.shared_prefix)
         chosen, rejected = logps[0::2], logps[1::2]
-        if self.reference is None and pairs[0].reference is None:  # simpo: no reference
+        if algo.loss_type == "simpo":  # reference-free: none is loaded
             lengths = exp.action_mask.sum(-1)
             loss = simpo_loss(chosen, rejected, lengths[0::2], lengths[1::2], beta=algo.beta,
                               gamma_beta_ratio=algo.simpo_gamma_beta_ratio, label_smoothing=algo.label_smoothing)
