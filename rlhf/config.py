@@ -191,6 +191,8 @@ class TrainerConfig:
     """Rows per forward/backward pass on each process."""
     grad_accum: int = 1
     """Micro-batches accumulated per optimizer step."""
+    padding_free: bool = True
+    """Run each micro-batch's rows as one packed sequence of their real tokens, each prompt once for the rows that continue it (a preference pair, a GRPO group): no work on padding, the same loss as padded rows. Every stage's training and log-prob passes (PPO's critic runs padded), on models with sdpa attention (transformers' default); others run padded."""
     group_by_length: bool = True
     """Sort each step's rows by length before cutting micro-batches, so they carry less padding; train-rm also runs each micro-batch's responses in up to 4 passes of similar length (not under ZeRO-3)."""
     eval_every: int = 50

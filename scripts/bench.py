@@ -1,11 +1,16 @@
-"""Throughput of every stage (sft, train-rm, ppo, grpo) on one fixed workload, side by side with TRL.
+"""Throughput of every stage (sft, train-rm, dpo, ppo, grpo) on one fixed workload, side by side with TRL.
 
     .venv/bin/python scripts/bench.py [--steps 6 --batch 32 --prompts 8 --group 8 --dtype bf16 ...] [--no-trl]
+    .venv/bin/python scripts/bench.py --stages dpo,grpo   # a subset (default: all five)
 
 Every stage runs in its own process on the same saved model directory and the same synthetic data, so the peak RSS
 reported is that stage's alone. Our phase times come from the stage's own metrics.jsonl (time/generate_s,
 time/logprob_s, time/reward_s, time/train_s); TRL's from timers around its trainers' own methods. Model FLOP
 utilisation divides the model's FLOPs (`forward_flops`) by the time and by a large matmul timed in the same run.
+Each stage's settings that decide what is measured (gradient checkpointing, padding-free rows, the reward model's
+language-modelling term, dynamic sampling, the reference precompute, ...) come from one table, `settings`, that our
+command, TRL's config and the check for differences all read: a setting that differs between the two (by default,
+or through --override) is printed as a warning and recorded in bench.json.
 Writes <out>/bench.json and prints the table; docs/performance.md explains every column.
 
     .venv/bin/python scripts/bench.py --config-latency [--rounds 5]
@@ -24,15 +29,17 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
-STAGES = ("sft", "train-rm", "ppo", "grpo")
+STAGES = ("sft", "train-rm", "dpo", "ppo", "grpo")
 PHASES = ("generate", "logprob", "reward", "train")
-TRL_STAGES = ("sft", "train-rm", "grpo")  # TRL 1.x ships no PPO trainer
+TRL_STAGES = ("sft", "train-rm", "dpo", "grpo")  # TRL 1.x ships no PPO trainer
 RL_STAGES = ("ppo", "grpo")
+PAIR_STAGES = ("train-rm", "dpo")  # a sample is a preference pair: chosen and rejected both run
+DATA = {"sft": "sft", "train-rm": "prefs", "dpo": "prefs"}  # the data kind of each stage (the rest: prompts)
 EVAL_ROWS = 8  # held out for our stages' final evaluation, which runs after the timed steps
 
 
@@ -44,7 +51,7 @@ class Workload:
     num_layers: int = 4
     num_heads: int = 4
     intermediate_size: int = 384
-    batch: int = 32  # sft / train-rm rows per step, and the RL micro-batch
+    batch: int = 32  # sft rows, train-rm / dpo pairs per step, and the RL micro-batch
     prompts: int = 8  # RL prompts per step (PPO: prompts x group prompts of one sample each)
     group: int = 8  # GRPO samples per prompt
     prompt_len: int = 16
@@ -56,6 +63,7 @@ class Workload:
     dtype: str = "fp32"  # or bf16 (mixed precision in both implementations)
     lr: float = 1e-4
     kl_coef: float = 0.02  # GRPO beta and PPO kl_coef: both load and run a frozen reference
+    dpo_beta: float = 0.1  # DPO's beta (ours and TRL's default); DPO always runs a frozen reference
     vocab_size: int = 0  # above the tokenizer's 103: the model's embedding and output head padded to this many rows
     seed: int = 0
 
@@ -106,6 +114,9 @@ def step_flops(stage: str, w: Workload, vocab: int, response_len: float) -> dict
         return {"train": 3 * w.batch * fwd(lm, w.mean_prompt_len + response_len)}
     if stage == "train-rm":  # chosen and rejected each go through the model
         return {"train": 3 * 2 * w.batch * fwd(rm, w.mean_prompt_len + response_len)}
+    if stage == "dpo":  # chosen and rejected through the policy (forward and backward) and the frozen reference
+        responses = 2 * w.batch * fwd(lm, w.mean_prompt_len + response_len)
+        return {"logprob": responses, "train": 3 * responses}
     seq, n = w.mean_prompt_len + response_len, w.samples
     reference = n * fwd(lm, seq) if w.kl_coef else 0.0
     if stage == "grpo":  # one pass per step: the old log-probs are the current ones, not recomputed
@@ -233,33 +244,119 @@ def write_inputs(out: Path, w: Workload) -> dict[str, Any]:
     return {"model": str(model_dir), "vocab": vocab, **{k: str(p) for k, p in paths.items()}}
 
 
+# ---- the settings that decide what is measured, as each side is told them --------------------------------------
+@dataclass(frozen=True)
+class Setting:
+    """One setting of a stage and the value each side runs with: ours through our config key `ours_key`, TRL's
+    through its config field `trl_field`; a side without such a knob (None) always runs the value given."""
+
+    name: str
+    ours_key: Optional[str]
+    ours: Any
+    trl_field: Optional[str]
+    trl: Any
+
+    @property
+    def differs(self) -> bool:
+        return comparable(self.ours) != comparable(self.trl)
+
+
+def comparable(value: Any) -> Any:
+    """A value from the table or from an --override string, in one form: `false`, `False` and False alike."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("true", "false"):
+            return text == "true"
+        if text in ("null", "none"):
+            return None
+        try:
+            return float(text)
+        except ValueError:
+            return text
+    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def settings(stage: str, w: Workload, overrides: Sequence[str] = ()) -> list[Setting]:
+    """`stage`'s settings that change what a step does or costs, ours beside TRL's: our command and TRL's config
+    are built from this table, and the bench warns where the two sides' values differ. An --override of one of our
+    keys replaces our value, so the warning sees it."""
+    # Every stage of ours runs a micro-batch's rows as one sequence of their real tokens (trainer.padding_free, the
+    # default; PPO's critic excepted). TRL's padding-free needs FlashAttention (SFT), is switched off in 1.16 (DPO)
+    # or absent (reward, GRPO).
+    table = [Setting("gradient checkpointing", "model.gradient_checkpointing", False, "gradient_checkpointing", False),
+             Setting("padding-free rows", "trainer.padding_free", True,
+                     "padding_free" if stage in ("sft", "dpo") else None, False)]
+    if stage == "sft":
+        table.append(Setting("packing rows into full-length sequences", None, False, "packing", False))
+    if stage == "train-rm":  # TRL's reward loss is the Bradley-Terry one alone
+        table.append(Setting("reward model's language-modelling term", "algo.lm_coef", 0.0, None, 0.0))
+    if stage == "grpo":
+        table += [Setting("dynamic sampling (resampling zero-variance groups)", "algo.zero_variance", "keep", None,
+                          "keep"),
+                  Setting("loss", "algo.loss_type", "dapo", "loss_type", "dapo"),
+                  Setting("KL beta (a frozen reference when above 0)", "algo.beta", w.kl_coef, "beta", w.kl_coef)]
+    if stage == "dpo":
+        table += [Setting("loss", "algo.loss_type", "sigmoid", "loss_type", "sigmoid"),
+                  Setting("beta", "algo.beta", w.dpo_beta, "beta", w.dpo_beta),
+                  Setting("reference log-probs precomputed (else a frozen reference runs every step)",
+                          "algo.precompute_reference", False, "precompute_ref_log_probs", False)]
+    given = dict(o.split("=", 1) for o in overrides if "=" in o)
+    return [replace(s, ours=given[s.ours_key]) if s.ours_key in given else s for s in table]
+
+
+def hydra_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "null" if value is None else str(value)
+
+
+def differences(stage: str, table: list[Setting]) -> list[str]:
+    """One warning line per setting whose value differs between ours and TRL's."""
+    def side(key: Optional[str], value: Any) -> str:
+        return f"{key}={hydra_value(value)}" if key else f"{hydra_value(value)} (no such setting)"
+
+    return [f"{stage}: {s.name} differs: ours {side(s.ours_key, s.ours)}, TRL {side(s.trl_field, s.trl)}"
+            for s in table if s.differs]
+
+
+def settings_report(stages: Sequence[str], w: Workload, overrides: Sequence[str], with_trl: bool) -> dict[str, Any]:
+    """bench.json's record of each stage's settings, both sides' values, and a warning for each one that differs
+    where TRL runs the stage too."""
+    tables = {stage: settings(stage, w, overrides) for stage in stages}
+    return {"settings": {stage: [{**asdict(s), "differs": s.differs} for s in table]
+                         for stage, table in tables.items()},
+            "setting_warnings": [line for stage, table in tables.items() if with_trl and stage in TRL_STAGES
+                                 for line in differences(stage, table)]}
+
 
 # ---- our stages -----------------------------------------------------------------------------------------------
-def our_command(stage: str, w: Workload, inputs: dict[str, Any], run_dir: Path) -> list[str]:
-    """`rlhf <stage>` on the workload: no evaluation or checkpoint inside the timed steps, constant learning rate."""
+def our_command(stage: str, w: Workload, inputs: dict[str, Any], run_dir: Path,
+                overrides: Sequence[str] = ()) -> list[str]:
+    """`rlhf <stage>` on the workload: no evaluation or checkpoint inside the timed steps, constant learning rate,
+    the settings table's values, then the user's overrides."""
     p, r = w.prompt_len, w.response_len
-    data = {"sft": "sft", "train-rm": "prefs"}.get(stage, "prompts")
     args = [f"run.dir={run_dir}", "run.overwrite=true", f"run.seed={w.seed}",
-            f"model.name_or_path={inputs['model']}", f"model.dtype={w.dtype}", "model.gradient_checkpointing=false",
-            "data=local", f"data.path={inputs[data]}", f"data.eval_size={EVAL_ROWS}", f"data.max_prompt_length={p}",
-            f"data.max_length={p + r + 1}", f"trainer.max_steps={w.steps}", f"trainer.lr={w.lr}",
+            f"model.name_or_path={inputs['model']}", f"model.dtype={w.dtype}",
+            "data=local", f"data.path={inputs[DATA.get(stage, 'prompts')]}", f"data.eval_size={EVAL_ROWS}",
+            f"data.max_prompt_length={p}", f"data.max_length={p + r + 1}", f"trainer.max_steps={w.steps}",
+            f"trainer.lr={w.lr}",
             "trainer.lr_scheduler=constant", "trainer.warmup_steps=0", "trainer.weight_decay=0",
             "trainer.eval_every=0", "trainer.save_every=0", f"eval.num_examples={EVAL_ROWS}",
             f"eval.max_new_tokens={r}", "logger.progress=false"]
-    if stage in ("sft", "train-rm"):
+    args += [f"{s.ours_key}={hydra_value(s.ours)}" for s in settings(stage, w, overrides) if s.ours_key]
+    if stage in ("sft", *PAIR_STAGES):
         args += [f"trainer.micro_batch_size={w.batch}", "trainer.grad_accum=1"]
-    if stage == "train-rm":  # TRL's reward loss only: no language-modelling regulariser
-        args += [f"algo.stats_rows={EVAL_ROWS}", "algo.lm_coef=0"]
+    if stage == "train-rm":
+        args.append(f"algo.stats_rows={EVAL_ROWS}")
     if stage in RL_STAGES:
         args += [f"trainer.micro_batch_size={w.micro}", f"rollout.max_new_tokens={r}",
                  f"rollout.batch_size={w.samples}"]
     if stage == "grpo":
-        args += [f"trainer.prompts_per_step={w.prompts}", f"algo.group_size={w.group}", f"algo.beta={w.kl_coef}",
-                 "algo.num_iterations=1", "algo.zero_variance=keep"]
+        args += [f"trainer.prompts_per_step={w.prompts}", f"algo.group_size={w.group}", "algo.num_iterations=1"]
     if stage == "ppo":
         args += [f"trainer.prompts_per_step={w.samples}", "algo.samples_per_prompt=1", "algo.ppo_epochs=1",
                  "algo.mini_batches=1", f"algo.kl_coef={w.kl_coef}"]
-    return [sys.executable, "-m", "rlhf.cli", stage, *args]
+    return [sys.executable, "-m", "rlhf.cli", stage, *args, *overrides]
 
 
 def run_child(argv: list[str], log_path: Path, env: dict[str, str]) -> dict[str, Any]:
@@ -339,7 +436,7 @@ def summarise(stage: str, impl: str, rows: list[dict[str, Any]], w: Workload, vo
         response = w.supervised_response_len
         seq = w.mean_prompt_len + response
         samples, generated = w.batch, 0.0
-        trained = w.batch * seq * (2 if stage == "train-rm" else 1)
+        trained = w.batch * seq * (2 if stage in PAIR_STAGES else 1)
     phase_s["other"] = max(step_s - sum(phase_s.values()), 0.0)
     flops = step_flops(stage, w, vocab, response)
     floor = floor_s(flops, rates) if rates else None
@@ -448,9 +545,8 @@ def trl_worker(stage: str, spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     w, model, run_dir, device = Workload(**spec["workload"]), spec["model"], Path(spec["run_dir"]), spec["device"]
     tokenizer = AutoTokenizer.from_pretrained(model)
-    data = {"sft": "sft", "train-rm": "prefs"}.get(stage, "prompts")
     # as many rows as our stages train on (they hold EVAL_ROWS out for their final evaluation)
-    rows = [json.loads(line) for line in Path(spec[data]).read_text().splitlines()][EVAL_ROWS:]
+    rows = [json.loads(line) for line in Path(spec[DATA.get(stage, "prompts")]).read_text().splitlines()][EVAL_ROWS:]
     dataset = datasets.Dataset.from_list(rows)
 
     class Steps(TrainerCallback):
@@ -496,22 +592,25 @@ def trl_worker(stage: str, spec_path: str) -> None:
     steps = Steps()
     common = dict(output_dir=str(run_dir), max_steps=w.steps, learning_rate=w.lr, lr_scheduler_type="constant",
                   warmup_steps=0, weight_decay=0.0, adam_beta2=0.95, max_grad_norm=1.0, logging_steps=1,
-                  save_strategy="no", report_to=[], gradient_checkpointing=False, bf16=w.dtype == "bf16",
-                  use_cpu=device == "cpu", seed=w.seed, disable_tqdm=True, dataloader_num_workers=0)
+                  save_strategy="no", report_to=[], bf16=w.dtype == "bf16", use_cpu=device == "cpu", seed=w.seed,
+                  disable_tqdm=True, dataloader_num_workers=0,
+                  **{s.trl_field: s.trl for s in settings(stage, w) if s.trl_field})
+    supervised = dict(per_device_train_batch_size=w.batch, max_length=w.prompt_len + w.response_len + 1, **common)
     if stage == "sft":
         trainer = trl.SFTTrainer(model=model, processing_class=tokenizer, train_dataset=dataset, callbacks=[steps],
-                                 args=trl.SFTConfig(per_device_train_batch_size=w.batch, packing=False,
-                                                    max_length=w.prompt_len + w.response_len + 1, **common))
+                                 args=trl.SFTConfig(**supervised))
     elif stage == "train-rm":
         trainer = trl.RewardTrainer(model=model, processing_class=tokenizer, train_dataset=dataset, callbacks=[steps],
-                                    args=trl.RewardConfig(per_device_train_batch_size=w.batch,
-                                                          max_length=w.prompt_len + w.response_len + 1, **common))
+                                    args=trl.RewardConfig(**supervised))
+    elif stage == "dpo":  # the reference: a second copy of the model loaded from its directory, as ours loads one
+        trainer = trl.DPOTrainer(model=model, processing_class=tokenizer, train_dataset=dataset, callbacks=[steps],
+                                 args=trl.DPOConfig(**supervised))
     else:
         # Our rule rewards take TRL's signature as they are; weights as conf/reward/rules.yaml.
         config = trl.GRPOConfig(per_device_train_batch_size=w.micro, gradient_accumulation_steps=w.samples // w.micro,
                                 num_generations=w.group, max_completion_length=w.response_len, temperature=1.0,
-                                top_p=1.0, beta=w.kl_coef, epsilon=0.2, loss_type="dapo", scale_rewards="group",
-                                num_iterations=1, reward_weights=[1.0, 0.2], log_completions=False, **common)
+                                top_p=1.0, epsilon=0.2, scale_rewards="group", num_iterations=1,
+                                reward_weights=[1.0, 0.2], log_completions=False, **common)
         trainer = trl.GRPOTrainer(model=model, processing_class=tokenizer, train_dataset=dataset, callbacks=[steps],
                                   reward_funcs=[REWARD_FUNCS.get("accuracy"), REWARD_FUNCS.get("format")], args=config)
         steps.wrap(trainer, "_generate_and_score_completions", "experience")
@@ -609,6 +708,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     note = ("TRL skipped (--no-trl)" if args.no_trl else
             "TRL is not installed (pip install -e '.[bench]'): our stages only" if not with_trl else
             f"TRL {versions()['trl']} ships no PPO trainer: ppo is ours only" if "ppo" in stages else None)
+    checked = settings_report(stages, w, args.override, with_trl)
+    for line in checked["setting_warnings"]:
+        print(f"WARNING: {line}", flush=True)
 
     peaks = {"fp32": matmul_peak(device, "fp32")}
     if w.dtype != "fp32":
@@ -625,7 +727,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             run_dir = out / impl / stage / (f"round{n + 1}" if args.rounds > 1 else "")
             run_dir.mkdir(parents=True, exist_ok=True)
             if impl == "ours":
-                argv = our_command(stage, w, inputs, run_dir) + args.override
+                argv = our_command(stage, w, inputs, run_dir, args.override)
             else:
                 spec = run_dir / "spec.json"
                 spec.write_text(json.dumps({"workload": asdict(w), "run_dir": str(run_dir), "device": device,
@@ -644,8 +746,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                   f"{100 * child['others_cpu']:.0f}% of the CPUs", flush=True)
             results.append(result)
     report = {"machine": machine(device), "dtype": w.dtype, "versions": versions(),
-              "matmul_peak_flops": peaks, "model_rates_flops": rates, "workload": asdict(w), "overrides": args.override, "note": note,
-              "rounds": max(args.rounds, 1), "results": results, "ratios": ratios(results)}
+              "matmul_peak_flops": peaks, "model_rates_flops": rates, "workload": asdict(w), "overrides": args.override,
+              **checked, "note": note, "rounds": max(args.rounds, 1), "results": results, "ratios": ratios(results)}
     table = write_report(out, report)
     d = report["machine"]
     print(f"\n{d['device_name']} ({device}, threads per process: {d['torch_threads']}), {w.dtype}; "
@@ -653,6 +755,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     print(table)
     if note:
         print(f"\n{note}")
+    for line in checked["setting_warnings"]:
+        print(f"WARNING: {line}")
     print(f"\nwrote {out / 'bench.json'}")
 
 

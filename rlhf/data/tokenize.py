@@ -10,6 +10,7 @@ import torch
 from omegaconf import DictConfig
 
 from rlhf.errors import DataError
+from rlhf.models.packing import pack
 
 
 def _is_chat(prompt: Any) -> bool:
@@ -101,6 +102,18 @@ def collate_lm(batch: Sequence[Encoded], pad_id: int, loss_on_prompt: bool = Fal
     targets = [[int(loss_on_prompt)] * (len(e.prompt_ids) - 1) + [1] * len(e.response_ids) for e in batch]
     loss_mask = pad(targets, 0)[:, : max(input_ids.shape[1] - 1, 0)]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask.float()}
+
+
+def collate_lm_packed(batch: Sequence[Encoded], loss_on_prompt: bool = False) -> dict[str, torch.Tensor]:
+    """collate_lm's rows packed into one row of their real tokens (rlhf.models.packing.pack): input_ids [1, T] (the
+    packed ids) and loss_mask [1, T - 1] over target positions, 0 where a row's last token would predict the next
+    row's first."""
+    out = pack([e.prompt_ids + e.response_ids for e in batch])
+    out["input_ids"] = out["packed_ids"]
+    targets = [m for e in batch
+               for m in [int(loss_on_prompt)] * (len(e.prompt_ids) - 1) + [1] * len(e.response_ids) + [0]]
+    out["loss_mask"] = torch.tensor([targets[:-1]], dtype=torch.float32)
+    return out
 
 
 def collate_prompts(prompts: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:

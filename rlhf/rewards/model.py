@@ -24,6 +24,7 @@ from rlhf.algos.reward_model import dense_scores, last_token_index
 from rlhf.config import DataConfig
 from rlhf.data.tokenize import encode_prompt, encode_response, length_buckets, pad, render_prompt
 from rlhf.errors import ConfigError, RewardError
+from rlhf.models.packing import enable_packing, pack, packed_forward, supports_packing, to_rows
 from rlhf.models.prefix import distinct_rows, run_continuation, run_prefix, selected_cache
 from rlhf.rewards.rules import completion_text
 
@@ -88,10 +89,12 @@ def collate_prompt_first(prompts: Sequence[Sequence[int]], responses: Sequence[S
             "prompt_width": torch.tensor(prompt_ids.shape[1])}
 
 
-def collate_preferences(batch: Sequence[Preference], pad_id: int, prompt_first: bool = False) -> dict[str, Tensor]:
+def collate_preferences(batch: Sequence[Preference], pad_id: int, prompt_first: bool = False,
+                        packed: bool = False) -> dict[str, Tensor]:
     """Every response of every list in one batch of sequences (one forward pass for chosen and rejected alike),
     plus `slots` [N, K]: which sequence holds list n's k-th response, `list_mask` [N, K] and `margin` [N].
-    Right-padded rows, or with prompt_first the layout of collate_prompt_first."""
+    Right-padded rows, or with prompt_first the layout of collate_prompt_first; `packed` adds the rows packed
+    (rlhf.models.packing.pack), each prompt once for the responses that continue it (packed_hidden_states)."""
     width = max(len(p.response_ids) for p in batch)
     prompts, responses, slots = [], [], []
     for p in batch:
@@ -102,6 +105,9 @@ def collate_preferences(batch: Sequence[Preference], pad_id: int, prompt_first: 
             responses.append(response)
         slots.append(row + [-1] * (width - len(row)))
     out = (collate_prompt_first if prompt_first else collate_sequences)(prompts, responses, pad_id)
+    if packed:
+        out.update(pack([list(p) + list(r) for p, r in zip(prompts, responses)],
+                        [(tuple(p), len(p)) for p in prompts]))
     out["slots"] = torch.tensor(slots, dtype=torch.long)
     out["list_mask"] = out["slots"] >= 0
     out["margin"] = torch.tensor([p.margin for p in batch], dtype=torch.float32)
@@ -167,6 +173,13 @@ def hidden_states(classifier: nn.Module, input_ids: Tensor, attention_mask: Tens
     return torch.cat([prompt.last_hidden_state[owner], out], dim=1) if p else out
 
 
+def packed_hidden_states(classifier: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
+    """hidden_states of a packed batch (collate_preferences with packed=True) in its rows' layout [B, T, H]: one
+    padding-free forward pass, each prompt run once."""
+    hidden = packed_forward(classifier.base_model, batch).last_hidden_state
+    return to_rows(hidden, batch["packed_rows"])
+
+
 def head_rewards(classifier: nn.Module, hidden: Tensor) -> Tensor:
     """The score head at every position of hidden states [B, T, H], [B, T] in float32."""
     return classifier.score(hidden).squeeze(-1).float()
@@ -186,11 +199,13 @@ def read_scores(rewards: Tensor, batch: Mapping[str, Tensor], score: str) -> Ten
 
 
 def sequence_scores(classifier: nn.Module, batch: Mapping[str, Tensor], score: str) -> Tensor:
-    """One reward per sequence [B] (see read_scores); encoder classifiers give their own pooled output (right
-    padding)."""
+    """One reward per sequence [B] (see read_scores), from a padded or a packed batch; encoder classifiers give
+    their own pooled output (right padding)."""
     if not has_token_head(classifier):
         return classifier(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0].float()
-    return read_scores(token_rewards(classifier, batch["input_ids"], batch["attention_mask"]), batch, score)
+    hidden = (packed_hidden_states(classifier, batch) if "packed_rows" in batch
+              else hidden_states(classifier, batch["input_ids"], batch["attention_mask"]))
+    return read_scores(head_rewards(classifier, hidden), batch, score)
 
 
 def list_scores(flat: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
@@ -204,10 +219,11 @@ def score_preferences(classifier: nn.Module, examples: Sequence[Preference], pad
     """Scores of each example's responses (best first), batch_size lists per forward pass, in eval mode."""
     was_training = classifier.training
     classifier.eval()
+    packed = has_token_head(classifier) and supports_packing(classifier)
     out: list[list[float]] = []
     for start in range(0, len(examples), max(batch_size, 1)):
         chunk = examples[start:start + batch_size]
-        batch = {k: v.to(device) for k, v in collate_preferences(chunk, pad_id).items()}
+        batch = {k: v.to(device) for k, v in collate_preferences(chunk, pad_id, packed=packed).items()}
         flat = sequence_scores(classifier, batch, score).cpu().tolist()
         out += [[flat[s] for s in slots if s >= 0] for slots in batch["slots"].tolist()]
     classifier.train(was_training)
@@ -285,6 +301,7 @@ class RewardModel:
     def __init__(self, classifier: nn.Module, tokenizer, info: RewardModelInfo, data_cfg: Any,
                  normalize: bool = False, batch_size: int = 64, source: str = "reward model"):
         self.classifier = classifier.eval().requires_grad_(False)
+        enable_packing(classifier)  # scored padding-free, a group's prompt once (same scores)
         self.tokenizer, self.info, self.data_cfg, self.batch_size = tokenizer, info, data_cfg, batch_size
         check_score(info.score, classifier)
         self.mean, self.std = normalisation(info, classifier.config, source) if normalize else (0.0, 1.0)

@@ -16,6 +16,7 @@ from torch import Tensor
 from rlhf.algos.kl import exact_kl
 from rlhf.algos.logprobs import entropy_from_logits, token_logprobs
 from rlhf.data.tokenize import pad
+from rlhf.models.packing import pack, packed_forward, supports_packing
 from rlhf.models.prefix import distinct_rows, run_continuation, run_prefix
 from rlhf.rollout.generation import response_lengths
 
@@ -109,6 +110,37 @@ def _response_logit_blocks(model, exp: Experience, shared_prefix: bool = False) 
     return [out.logits[:, :-1]]
 
 
+def _packed_logit_blocks(model, exp: Experience) -> tuple[list[Tensor], list[Tensor]]:
+    """_response_logit_blocks for a model on the packed attention (rlhf.models.packing): the rows' real tokens as
+    one sequence, each distinct prompt once, logits only where they predict a response token. Returns the blocks
+    and, for each, the (row, column) [2, N] of the response tokens its N positions predict, in the block's order:
+    [prompts' last positions, one per row, [B, 1, V]] and [every other predicting position, [1, N, V]] (no copy
+    of the largest one, and no logits for padding)."""
+    p = exp.prompt_width
+    rows, prefixes = [], []
+    for ids, mask in zip(exp.sequences.tolist(), exp.attention_mask.tolist()):
+        prompt = [t for t, m in zip(ids[:p], mask[:p]) if m]
+        rows.append(prompt + [t for t, m in zip(ids[p:], mask[p:]) if m])
+        prefixes.append((tuple(prompt), len(prompt)))
+    batch = {k: v.to(exp.sequences.device) for k, v in pack(rows, prefixes).items()}
+    lengths = exp.attention_mask[:, p:].sum(-1).tolist()
+    index = batch["packed_rows"].tolist()
+    prompt_last = [index[b][len(prefixes[b][0]) - 1] for b in range(len(rows))]
+    distinct = sorted(set(prompt_last))
+    # response token j >= 1 of row b is predicted by the row's token before it, which only that row holds
+    within = [(b, j) for b in range(len(rows)) for j in range(1, lengths[b])]
+    keep = distinct + [index[b][len(prefixes[b][0]) + j - 1] for b, j in within]
+    device = exp.sequences.device
+    logits = packed_forward(model, batch, logits_to_keep=torch.tensor(keep, device=device)).logits
+    slot = {position: i for i, position in enumerate(distinct)}
+    first = logits[0, [slot[i] for i in prompt_last]].unsqueeze(1)  # [B, 1, V]
+    row_ids = torch.arange(len(rows), device=device)
+    where = [torch.stack([row_ids, torch.zeros_like(row_ids)]),
+             torch.tensor([[b for b, _ in within], [j for _, j in within]], dtype=torch.long,
+                          device=device).reshape(2, -1)]
+    return [first, logits[:, len(distinct):]], where
+
+
 def _response_logits(model, exp: Experience, shared_prefix: bool = False) -> Tensor:
     """The logits that predict each response token, [B, R, V] (see _response_logit_blocks)."""
     return torch.cat(_response_logit_blocks(model, exp, shared_prefix), dim=1)
@@ -119,16 +151,33 @@ def response_logprobs(model, exp: Experience, temperature: float = 1.0, with_ent
     """log pi(y_t | x, y_<t) for every response column [B, R] (and the entropy there if asked).
 
     Only the logits that predict response tokens are computed (`logits_to_keep`), and the log-softmax is
-    taken in chunks, so no [B, T, vocab] float32 tensor is held. shared_prefix: see _response_logit_blocks.
+    taken in chunks, so no [B, T, vocab] float32 tensor is held. A model on the packed attention runs padding-free
+    with each prompt once (_packed_logit_blocks); otherwise shared_prefix: see _response_logit_blocks.
     The entropy is a statistic unless `entropy_grad` (an entropy bonus in the loss): its backward pass is a second
     chunked pass over the logits, paid only when the gradient is wanted."""
-    blocks = _response_logit_blocks(model, exp, shared_prefix)
-    targets = exp.sequences[:, exp.prompt_width:].split([b.shape[1] for b in blocks], dim=1)
-    logprobs = torch.cat([token_logprobs(b, y, temperature=temperature) for b, y in zip(blocks, targets)], dim=1)
+    response = exp.sequences[:, exp.prompt_width:]
+    if supports_packing(model):
+        blocks, where = _packed_logit_blocks(model, exp)
+        targets = [response[rows, columns].view(b.shape[:-1]) for b, (rows, columns) in zip(blocks, where)]
+    else:
+        blocks, where = _response_logit_blocks(model, exp, shared_prefix), None
+        targets = response.split([b.shape[1] for b in blocks], dim=1)
+    logprobs = _response_columns([token_logprobs(b, y, temperature=temperature) for b, y in zip(blocks, targets)],
+                                 where, exp)
     if not with_entropy:
         return logprobs, None
-    return logprobs, torch.cat([entropy_from_logits(b if entropy_grad else b.detach(), temperature=temperature)
-                                for b in blocks], dim=1)
+    return logprobs, _response_columns([entropy_from_logits(b if entropy_grad else b.detach(), temperature=temperature)
+                                        for b in blocks], where, exp)
+
+
+def _response_columns(parts: list[Tensor], where: Optional[list[Tensor]], exp: Experience) -> Tensor:
+    """Per-block values as [B, R]: blocks side by side, or (packed) each value at its (row, column), 0 elsewhere."""
+    if where is None:
+        return torch.cat(parts, dim=1)
+    out = parts[0].new_zeros(exp.action_mask.shape)
+    for values, (rows, columns) in zip(parts, where):
+        out = out.index_put((rows, columns), values.flatten())
+    return out
 
 
 @torch.no_grad()

@@ -23,6 +23,7 @@ from rlhf.engine import checkpoint as ckpt
 from rlhf.engine import distributed as dist
 from rlhf.engine.engine import configured_zero_stage, guard_of
 from rlhf.errors import ConfigError, RLHFError
+from rlhf.models.packing import enable_packing
 from rlhf.tracking import MetricLogger
 from rlhf.plotting import plot_run
 
@@ -236,6 +237,25 @@ class Trainer:
         from every layer it checkpoints (the backward's replay would write it a second time)."""
         return (bool(self.cfg.trainer.shared_prefix) and self.zero_stage() < 3
                 and not self.cfg.model.gradient_checkpointing)
+
+    def packs(self, model) -> bool:
+        """Whether micro-batches run padding-free (trainer.padding_free, rlhf.models.packing): on a model whose
+        attention is sdpa, switched here to the packed wrapper; another runs padded, said once."""
+        if not self.cfg.trainer.padding_free:
+            return False
+        if enable_packing(model):
+            return True
+        self._info(f"trainer.padding_free: {type(model).__name__} runs on attention "
+                   f"{getattr(model.config, '_attn_implementation', None)!r}, not sdpa: micro-batches run padded")
+        return False
+
+    @staticmethod
+    def packed_like(model, packed: bool):
+        """`model` (a frozen reference) switched to the packed attention when the policy it pairs with packs, so
+        the two see the same layout; returned for chaining."""
+        if packed:
+            enable_packing(model)
+        return model
 
     def _resume(self, path: Path, universal: bool = False) -> None:
         state = ckpt.load_checkpoint(path, self.engines, universal)

@@ -77,10 +77,12 @@ class DPOTrainer(Trainer):
         policy = load_policy(training_model_config(cfg.model), self.tokenizer, cfg.run.seed)
         if cfg.trainer.disable_dropout:
             disable_dropout(policy)
+        packed = self.packs(policy)
         self.engine = build_engine(policy, cfg, self.world)
         self.engines = {"policy": self.engine}
         self.reference = None if algo.loss_type == "simpo" else frozen_model(
-            load_reference(cfg.model, self.tokenizer, cfg.run.seed), cfg, self.world, self.engine.device)
+            self.packed_like(load_reference(cfg.model, self.tokenizer, cfg.run.seed), packed), cfg, self.world,
+            self.engine.device)
         self.shared_prefix = self.shares_prefixes()
         if self.reference is not None and algo.precompute_reference:
             self.cache_reference()

@@ -30,6 +30,7 @@ from rlhf.rewards.model import (
     head_rewards,
     hidden_states,
     list_scores,
+    packed_hidden_states,
     read_scores,
     score_preferences,
     sequence_scores,
@@ -91,7 +92,8 @@ class RewardModelTrainer(Trainer):
         # Chosen and rejected responses of unequal length: each micro-batch runs as a few passes of rows of similar
         # length, not one padded to its longest (not under ZeRO-3, where every pass is a collective).
         self.max_buckets = 4 if cfg.trainer.group_by_length and configured_zero_stage(cfg) < 3 else 1
-        self.shared_prompt = self.shares_prefixes() and has_token_head(model)
+        self.packed = has_token_head(model) and self.packs(model)
+        self.shared_prompt = self.shares_prefixes() and has_token_head(model) and not self.packed
         self.engine = build_engine(model, cfg, self.world)
         self.engines = {"reward_model": self.engine}
 
@@ -119,7 +121,8 @@ class RewardModelTrainer(Trainer):
     def train_step(self) -> dict[str, Any]:
         t = self.cfg.trainer
         indices = self.sampler.rank_indices(self.samples_seen, self.global_batch, dist.rank(), self.world)
-        batches = [collate_preferences([self.train[i] for i in mb], self.tokenizer.pad_token_id, self.shared_prompt)
+        batches = [collate_preferences([self.train[i] for i in mb], self.tokenizer.pad_token_id, self.shared_prompt,
+                                       self.packed)
                    for mb in self.micro_batches(indices, self.lengths)]
         # The step's loss is the mean over its lists; DeepSpeed divides by grad_accum and averages over ranks,
         # so scaling by both keeps the gradient that of the whole step however it is split.
@@ -135,8 +138,9 @@ class RewardModelTrainer(Trainer):
             module = self.engine.module
             lm_loss = torch.zeros(())
             if has_token_head(module):
-                hidden = hidden_states(module, batch["input_ids"], batch["attention_mask"], self.max_buckets,
-                                       int(batch.get("prompt_width", 0)))
+                hidden = packed_hidden_states(module, batch) if self.packed else hidden_states(
+                    module, batch["input_ids"], batch["attention_mask"], self.max_buckets,
+                    int(batch.get("prompt_width", 0)))
                 flat = read_scores(head_rewards(module, hidden), batch, self.score)
                 if lm_coef:
                     lm_loss = chosen_lm_loss(module, hidden, batch, lm_tokens)

@@ -9,10 +9,11 @@ import torch
 from rlhf.algos.sft import sft_loss
 from rlhf.data.loading import load_rows
 from rlhf.data.sampler import StepSampler
-from rlhf.data.tokenize import collate_lm, encode_rows
+from rlhf.data.tokenize import collate_lm, collate_lm_packed, encode_rows
 from rlhf.engine import distributed as dist
 from rlhf.engine.engine import backward, build_engine, optimizer_step, zero_stage
 from rlhf.errors import DataError
+from rlhf.models.packing import batch_forward
 from rlhf.models.zoo import load_policy, load_tokenizer, training_model_config
 from rlhf.trainers.base import Trainer
 from rlhf.trainers.held_out import HeldOut, evaluate_policy
@@ -41,14 +42,14 @@ class SFTTrainer(Trainer):
         self.lengths = [len(e.prompt_ids) + len(e.response_ids) for e in self.train]
         self.sampler = StepSampler(len(self.train), cfg.run.seed)
         model = load_policy(training_model_config(cfg.model), self.tokenizer, cfg.run.seed)
+        self.packed = self.packs(model)
         self.engine = build_engine(model, cfg, self.world)
         self.engines = {"policy": self.engine}
 
     def train_step(self) -> dict[str, Any]:
         t = self.cfg.trainer
         indices = self.sampler.rank_indices(self.samples_seen, self.global_batch, dist.rank(), self.world)
-        batches = [collate_lm([self.train[i] for i in mb], self.tokenizer.pad_token_id, self.cfg.algo.loss_on_prompt)
-                   for mb in self.micro_batches(indices, self.lengths)]
+        batches = [self.collate([self.train[i] for i in mb]) for mb in self.micro_batches(indices, self.lengths)]
         num_tokens = dist.all_reduce_sum({"n": sum(float(b["loss_mask"].sum()) for b in batches)})["n"]
         # DeepSpeed divides by grad_accum and averages gradients over ranks; undo both so the step's
         # gradient is that of the token mean over every micro-batch on every rank.
@@ -56,7 +57,7 @@ class SFTTrainer(Trainer):
         total, grad_norm = 0.0, None
         for batch in batches:
             batch = self.to_device(batch, self.engine.device)
-            logits = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = batch_forward(self.engine, batch).logits
             loss = sft_loss(logits, batch["input_ids"], batch["loss_mask"], max(num_tokens, 1.0))
             backward(self.engine, loss * scale)
             grad_norm = optimizer_step(self.engine)
@@ -64,6 +65,11 @@ class SFTTrainer(Trainer):
         self.samples_seen += self.global_batch
         return {"loss": dist.all_reduce_sum({"loss": total})["loss"],
                 "grad_norm": grad_norm, "tokens": num_tokens}
+
+    def collate(self, rows: list) -> dict[str, torch.Tensor]:
+        if self.packed:
+            return collate_lm_packed(rows, self.cfg.algo.loss_on_prompt)
+        return collate_lm(rows, self.tokenizer.pad_token_id, self.cfg.algo.loss_on_prompt)
 
     @torch.no_grad()
     def evaluate(self, final: bool = False) -> dict[str, float]:

@@ -37,6 +37,8 @@ def test_step_flops_by_stage():
 
     assert bench.step_flops("sft", w, VOCAB, 10) == {"train": 3 * 4 * fwd(lm, 16)}
     assert bench.step_flops("train-rm", w, VOCAB, 10) == {"train": 3 * 8 * fwd(rm, 16)}
+    # DPO: 4 pairs, both responses through the policy (forward + backward) and through the reference (forward)
+    assert bench.step_flops("dpo", w, VOCAB, 10) == {"logprob": 8 * fwd(lm, 16), "train": 3 * 8 * fwd(lm, 16)}
     grpo = bench.step_flops("grpo", w, VOCAB, 4.0)  # 6 samples of 6 + 4 tokens
     assert grpo == {"generate": 6 * fwd(lm, 10), "logprob": 6 * fwd(lm, 10), "train": 18 * fwd(lm, 10)}
     ppo = bench.step_flops("ppo", w, VOCAB, 4.0)
@@ -62,6 +64,15 @@ def test_summary_leaves_out_the_warm_up_and_splits_the_step():
     sft = bench.summarise("sft", "trl", [{"time/step_s": 0.5}], w, VOCAB, peak_flops=1e9)
     assert sft["phase_s"]["train"] == 0.5 and sft["gen_tokens_per_s"] is None
     assert r["floor_s"] is None and r["step_over_floor"] is None
+
+
+def test_dpo_counts_pairs_and_both_responses_tokens():
+    w = bench.Workload(batch=4, prompt_len=6, response_len=9, warmup=0)
+    r = bench.summarise("dpo", "ours", [{"time/step_s": 0.5}], w, VOCAB, peak_flops=1e9,
+                        rates={"forward": 1e9, "train": 2e9})
+    assert r["samples_per_s"] == 4 / 0.5 and r["train_tokens_per_s"] == 2 * 4 * (6 + 10) / 0.5
+    flops = bench.step_flops("dpo", w, VOCAB, 10)
+    assert r["floor_s"] == pytest.approx(flops["logprob"] / 1e9 + flops["train"] / 2e9)
 
 
 def test_floor_counts_training_at_its_own_rate_and_every_other_phase_at_the_forward_rate():
@@ -146,6 +157,60 @@ def test_report_and_ratios(tmp_path):
 def test_flags_set_the_workload():
     args = bench.parse_args(["--prompt-len", "20", "--dtype", "bf16", "--no-trl", "--stages", "sft"])
     assert (args.prompt_len, args.dtype, args.no_trl, args.stages) == (20, "bf16", True, "sft")
+    default = bench.parse_args([])
+    assert default.stages.split(",") == list(bench.STAGES) and "dpo" in bench.TRL_STAGES
+    assert bench.parse_args(["--dpo-beta", "0.3"]).dpo_beta == 0.3
+
+
+INPUTS = {"model": "MODEL", "sft": "SFT", "prefs": "PREFS", "prompts": "PROMPTS"}
+
+
+def test_our_command_carries_the_settings_table():
+    w = bench.Workload(dpo_beta=0.25)
+    for stage in bench.STAGES:
+        argv = bench.our_command(stage, w, INPUTS, Path("RUN"))
+        for s in bench.settings(stage, w):
+            assert s.ours_key is None or f"{s.ours_key}={bench.hydra_value(s.ours)}" in argv
+    dpo = bench.our_command("dpo", w, INPUTS, Path("RUN"))
+    assert {"data.path=PREFS", "algo.beta=0.25", "algo.loss_type=sigmoid", "algo.precompute_reference=false",
+            "model.gradient_checkpointing=false", "trainer.micro_batch_size=32"} <= set(dpo)
+
+
+def test_trl_fields_of_the_settings_table_exist_in_trls_configs():
+    trl = pytest.importorskip("trl")
+    import dataclasses
+
+    configs = {"sft": trl.SFTConfig, "train-rm": trl.RewardConfig, "dpo": trl.DPOConfig, "grpo": trl.GRPOConfig}
+    for stage, config in configs.items():
+        names = {f.name for f in dataclasses.fields(config)}
+        assert {s.trl_field for s in bench.settings(stage, bench.Workload()) if s.trl_field} <= names, stage
+
+
+def test_a_setting_that_differs_is_warned_and_recorded():
+    w = bench.Workload()
+    report = bench.settings_report(bench.STAGES, w, [], with_trl=True)
+    # by default only our padding-free rows differ; ppo has no TRL run to differ from
+    assert [line.split(":")[0] for line in report["setting_warnings"]] == ["sft", "train-rm", "dpo", "grpo"]
+    assert all("padding-free" in line for line in report["setting_warnings"])
+    dpo = {s["name"]: s for s in report["settings"]["dpo"]}
+    assert dpo["beta"] == {"name": "beta", "ours_key": "algo.beta", "ours": 0.1, "trl_field": "beta", "trl": 0.1,
+                           "differs": False}
+    assert json.loads(json.dumps(report)) == report  # bench.json takes it as it is
+
+    overrides = ["algo.lm_coef=0.5", "algo.zero_variance=resample", "algo.precompute_reference=true",
+                 "trainer.padding_free=false", "trainer.shared_prefix=false"]
+    warned = bench.settings_report(bench.STAGES, w, overrides, with_trl=True)["setting_warnings"]
+    assert warned == [  # padding_free=false makes sft and train-rm match TRL; shared_prefix is not in the table
+        "train-rm: reward model's language-modelling term differs: ours algo.lm_coef=0.5, TRL 0.0 (no such setting)",
+        "dpo: reference log-probs precomputed (else a frozen reference runs every step) differs: ours "
+        "algo.precompute_reference=true, TRL precompute_ref_log_probs=false",
+        "grpo: dynamic sampling (resampling zero-variance groups) differs: ours algo.zero_variance=resample, "
+        "TRL keep (no such setting)"]
+    # the command carries the overridden value, and an override equal to TRL's in another spelling is no difference
+    assert "algo.lm_coef=0.5" in bench.our_command("train-rm", w, INPUTS, Path("RUN"), ["algo.lm_coef=0.5"])
+    assert bench.settings_report(["train-rm"], w, ["algo.lm_coef=0"], with_trl=True)["setting_warnings"] == [
+        line for line in report["setting_warnings"] if line.startswith("train-rm")]
+    assert bench.settings_report(bench.STAGES, w, overrides, with_trl=False)["setting_warnings"] == []
 
 
 def test_rounds_take_the_median_of_paired_ratios_and_the_median_run():

@@ -19,6 +19,7 @@ from rlhf.config import DataConfig, ModelConfig, TinyModelConfig
 from rlhf.data.tokenize import length_buckets
 from rlhf.errors import ConfigError, RewardError
 from rlhf.models import build_char_tokenizer, load_reward_model, load_tokenizer
+from rlhf.models.packing import enable_packing
 from rlhf.rewards.model import (
     INFO_FILE,
     Preference,
@@ -30,6 +31,7 @@ from rlhf.rewards.model import (
     encode_preference,
     head_rewards,
     hidden_states,
+    packed_hidden_states,
     read_scores,
     score_preferences,
     sequence_scores,
@@ -336,3 +338,39 @@ def test_normalised_scores_use_the_saved_statistics(model_dirs, tmp_path):
         [(s - 0.5) / 2.0 for s in plain])
     with pytest.raises(RewardError, match="2 prompt rows but 1 completions"):
         raw.score_texts(PROMPTS[:2], RESPONSES[:1])
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gpt2"])
+def test_a_packed_batch_gives_the_scores_and_gradients_of_one_pass_per_row(model_dirs, name):
+    """Preference lists packed padding-free (each prompt once for its responses) give every real token the hidden
+    state of the plain right-padded pass, so the same scores (last token and summed), and the same gradient;
+    score_preferences packs on a model switched to the packed attention and scores the same."""
+    model, tokenizer = load(model_dirs[name])
+    assert enable_packing(model)
+    examples = [Preference([5 + i % 7 for i in range(n)], [[9] * a, [10] * b, [11] * c][:2 + n % 2])
+                for n, a, b, c in ((3, 20, 2, 9), (9, 4, 30, 5), (1, 25, 3, 3), (6, 2, 2, 7))]
+    plain = collate_preferences(examples, tokenizer.pad_token_id)
+    packed = collate_preferences(examples, tokenizer.pad_token_id, packed=True)
+    responses = sum(len(e.response_ids) for e in examples)
+    assert packed["packed_ids"].shape[1] == sum(len(e.prompt_ids) + sum(map(len, e.response_ids)) for e in examples)
+    assert packed["packed_rows"].shape == plain["input_ids"].shape == (responses, plain["input_ids"].shape[1])
+    real = plain["attention_mask"].bool()
+    grads = []
+    for batch in (plain, packed):
+        model.zero_grad()
+        hidden = (packed_hidden_states(model, batch) if batch is packed
+                  else hidden_states(model, batch["input_ids"], batch["attention_mask"]))
+        (hidden * real[..., None]).square().sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        if batch is packed:
+            torch.testing.assert_close(hidden[real], one[real], atol=1e-5, rtol=1e-4)
+            for score in ("last_token", "sum"):
+                torch.testing.assert_close(sequence_scores(model, packed, score), sequence_scores(model, plain, score),
+                                           atol=1e-5, rtol=1e-4)
+        one = hidden.detach()
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-4, rtol=1e-3)  # GPT-2: see the shared-prompt test
+    fresh, _ = load(model_dirs[name])
+    flat = [s for scores in score_preferences(model, examples, tokenizer.pad_token_id, "sum", 3, torch.device("cpu"))
+            for s in scores]
+    assert flat == pytest.approx([s for scores in score_preferences(fresh, examples, tokenizer.pad_token_id, "sum", 3,
+                                                                    torch.device("cpu")) for s in scores], abs=1e-5)

@@ -3,6 +3,7 @@ import torch
 
 from rlhf.config import TinyModelConfig
 from rlhf.models.tiny import build_tiny_model
+from rlhf.models.packing import enable_packing
 from rlhf.models.tokenizer import build_char_tokenizer
 from rlhf.rollout.experience import batched_logprobs, build_experience, response_logprobs
 from rlhf.rollout.generation import SamplingParams, generate, response_lengths
@@ -90,23 +91,49 @@ def grouped_experience(tok, group=3):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 def test_a_shared_prompt_forward_gives_the_same_logprobs_entropy_and_gradient(arch):
-    """A group's prompt run once, its keys and values reused by every response, is the same computation as one
-    forward per row: same log-probs and entropies, and the same parameter gradient (the prompt's is summed)."""
+    """A group's prompt run once, its keys and values reused by every response (or packed padding-free, each prompt
+    once), is the same computation as one forward per row: same log-probs and entropies, and the same parameter
+    gradient (the prompt's is summed)."""
     tok, model = tiny() if arch == "llama" else small_hf(arch)
     exp = grouped_experience(tok)
     model.train()
     results = []
-    for shared in (False, True):
+    for mode in ("plain", "shared", "packed"):
+        if mode == "packed":
+            assert enable_packing(model)
         model.zero_grad()
-        logprobs, entropy = response_logprobs(model, exp, with_entropy=True, shared_prefix=shared)
+        logprobs, entropy = response_logprobs(model, exp, with_entropy=True, shared_prefix=mode == "shared")
         ((logprobs * exp.action_mask).sum() + (entropy * exp.action_mask).sum()).backward()
         grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
         results.append((logprobs.detach() * exp.action_mask, entropy * exp.action_mask, grad))
-    for one, shared in zip(*results):
+    for one, shared, packed in zip(*results):
         torch.testing.assert_close(shared, one, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(packed, one, atol=1e-5, rtol=1e-4)
     with torch.no_grad():
         torch.testing.assert_close(batched_logprobs(model, exp, 4, shared_prefix=True) * exp.action_mask,
                                    results[0][0], atol=1e-5, rtol=1e-4)
+
+
+def test_packed_logprobs_under_gradient_checkpointing_match_and_skip_padding(monkeypatch):
+    """The layout reaches a checkpointed layer's recomputation (same gradient), and the packed pass asks for logits
+    only where a response token is predicted: one per distinct prompt plus one per other response token."""
+    tok, model = tiny()
+    exp = grouped_experience(tok)
+    model.train()
+    enable_packing(model)
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.activation_checkpointing_enable()  # non-reentrant, transformers 5.x
+        model.zero_grad()
+        (response_logprobs(model, exp)[0] * exp.action_mask).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-5, rtol=1e-4)
+    calls = []
+    monkeypatch.setattr(model, "forward", lambda *a, forward=model.forward, **k: calls.append(k) or forward(*a, **k))
+    response_logprobs(model, exp)
+    assert len(calls) == 1 and calls[0]["input_ids"].shape[1] == 4 + 2 + int(exp.action_mask.sum())
+    assert len(calls[0]["logits_to_keep"]) == 2 + int(exp.action_mask.sum()) - len(exp)
 
 
 def test_rows_without_a_shared_prompt_take_the_single_forward(monkeypatch):
