@@ -98,6 +98,20 @@ class TinyModelConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """Low-rank adapters (peft) on the model a stage trains, in place of updating its weights."""
+
+    r: int = 0
+    """Rank of each adapter; 0 = off (every weight trains)."""
+    alpha: float = 16.0
+    """Scale: an adapter's update is multiplied by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on each adapter's input."""
+    target_modules: Optional[List[str]] = None
+    """Names of the layers that get an adapter (e.g. [q_proj, v_proj]); null: every linear layer but the output head (peft's all-linear)."""
+
+
+@dataclass
 class ModelConfig:
     name_or_path: Optional[str] = None
     """Hugging Face hub id or local directory of a causal LM. null: build the embedded tiny model (model.tiny)."""
@@ -113,6 +127,8 @@ class ModelConfig:
     """Allow model code from the model's repository (needed by some hub models)."""
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     """Architecture of the embedded model."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """LoRA adapters: model.lora.r=8 trains adapters on a frozen base (the reference of dpo, ppo and grpo is that base, adapters off: no second copy); a reward model's score head trains whole."""
 
 
 @dataclass
@@ -706,6 +722,9 @@ _RANGES = (
     ("trainer.keep_last", lambda v: v >= 1, ">= 1"),
     ("trainer.prompts_per_step", lambda v: v >= 1, ">= 1"),
     ("eval.batch_size", lambda v: v >= 1, ">= 1"),
+    ("model.lora.r", lambda v: v >= 0, ">= 0 (0 = off)"),
+    ("model.lora.alpha", lambda v: v > 0, "> 0"),
+    ("model.lora.dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("guard.max_bad_steps", lambda v: v >= 0, ">= 0"),
     ("pipeline.workers", lambda v: v is None or v >= 1, ">= 1 or null"),
     ("launcher.connect_timeout_s", lambda v: v > 0, "> 0"),

@@ -25,6 +25,7 @@ import torch
 
 from rlhf.engine import distributed as dist
 from rlhf.errors import RLHFError
+from rlhf.models.lora import adapter_of, merged_state_dict
 
 STATE_FILE = "trainer_state.json"
 
@@ -58,7 +59,9 @@ def save_checkpoint(root: Path, step: int, engines: Mapping[str, Any], state: Ma
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
     for role, engine in engines.items():
-        engine.save_checkpoint(str(tmp), tag=role, save_latest=False)
+        # with LoRA only the adapters (and a new head) train: the frozen base is the model's own, not checkpoint data
+        frozen = {"exclude_frozen_parameters": True} if adapter_of(engine) is not None else {}
+        engine.save_checkpoint(str(tmp), tag=role, save_latest=False, **frozen)
     torch.save(rng_state(), tmp / f"rng_rank{dist.rank()}.pt")
     dist.barrier()
     if dist.is_main():
@@ -141,7 +144,7 @@ def load_checkpoint(path: Path, engines: Mapping[str, Any], universal: bool = Fa
     the engines from the universal conversion (the engines were built with checkpoint.load_universal)."""
     source = to_universal(path, list(engines)) if universal else path
     for role, engine in engines.items():
-        loaded, _ = engine.load_checkpoint(str(source), tag=role, load_module_strict=True)
+        loaded, _ = engine.load_checkpoint(str(source), tag=role, load_module_strict=adapter_of(engine) is None)
         if loaded is None:
             raise RLHFError(f"checkpoint {path} has no state for {role!r}")
     rng_file = path / f"rng_rank{dist.rank()}.pt"
@@ -157,11 +160,17 @@ def full_state_dict(engine) -> dict[str, torch.Tensor] | None:
     if zero_stage(engine) == 3:
         state = engine._zero3_consolidated_16bit_state_dict()
         return state if dist.is_main() else None
-    return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()} if dist.is_main() else None
+    if not dist.is_main():
+        return None
+    if adapter_of(engine) is not None:  # the adapters folded in: a plain model's weights
+        return merged_state_dict(engine.module)
+    return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
 
 
-def save_pretrained(model: torch.nn.Module, tokenizer, path: Path, state_dict=None, extra_files=None) -> None:
-    """Write a Hugging Face directory (model + tokenizer) via a temporary sibling, then rename it into place."""
+def save_pretrained(model: torch.nn.Module, tokenizer, path: Path, state_dict=None, extra_files=None,
+                    adapter=None) -> None:
+    """Write a Hugging Face directory (model + tokenizer, and a peft `adapter` in its adapter/ subdirectory) via a
+    temporary sibling, then rename it into place."""
     if not dist.is_main():
         return
     tmp = path.with_name(f".tmp_{path.name}")
@@ -169,6 +178,8 @@ def save_pretrained(model: torch.nn.Module, tokenizer, path: Path, state_dict=No
     model.save_pretrained(tmp, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
+    if adapter is not None:
+        adapter.save_pretrained(tmp / "adapter")
     for name, content in (extra_files or {}).items():
         (tmp / name).write_text(content)
     # The previous export is moved aside, not deleted, before the new one takes its name: a crash at any point

@@ -21,9 +21,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from rlhf.engine import checkpoint as ckpt
 from rlhf.engine import distributed as dist
-from rlhf.engine.engine import configured_zero_stage, guard_of
+from rlhf.engine.engine import configured_zero_stage, frozen_model, guard_of
 from rlhf.errors import ConfigError, RLHFError
-from rlhf.models.packing import enable_packing
+from rlhf.models.lora import AdapterOff, adapter_of, add_adapters
+from rlhf.models.packing import enable_packing, supports_packing
 from rlhf.tracking import MetricLogger
 from rlhf.plotting import plot_run
 
@@ -62,9 +63,11 @@ class Trainer:
                 f"global {self.global_batch} rows/step")
 
     def export(self, final_dir: Path) -> None:
-        """Write the trained model in Hugging Face format (default: the `policy` engine's module)."""
+        """Write the trained model in Hugging Face format (default: the `policy` engine's module); with LoRA the
+        adapters folded in, and the adapter itself in final/adapter/."""
         engine = self.engines["policy"]
-        ckpt.save_pretrained(engine.module, self.tokenizer, final_dir, state_dict=ckpt.full_state_dict(engine))
+        ckpt.save_pretrained(engine.module, self.tokenizer, final_dir, state_dict=ckpt.full_state_dict(engine),
+                             adapter=adapter_of(engine))
 
     def extra_state(self) -> dict[str, Any]:
         return {}
@@ -249,13 +252,32 @@ class Trainer:
                    f"{getattr(model.config, '_attn_implementation', None)!r}, not sdpa: micro-batches run padded")
         return False
 
-    @staticmethod
-    def packed_like(model, packed: bool):
-        """`model` (a frozen reference) switched to the packed attention when the policy it pairs with packs, so
-        the two see the same layout; returned for chaining."""
-        if packed:
-            enable_packing(model)
+    def adapt(self, model, head: str | None = None):
+        """`model` with LoRA adapters when model.lora.r > 0 (rlhf.models.lora; `head`: a reward model's new score
+        head, trained whole), said with how many weights train; else `model` as it is."""
+        lora = self.cfg.model.lora
+        if not lora.r:
+            return model
+        if self.zero_stage() == 3:
+            raise ConfigError(f"model.lora.r={lora.r} under ZeRO-3 is not supported: the adapters are folded into "
+                              "partitioned weights at export. Use deepspeed=zero2 (the frozen base has no optimizer "
+                              "state to partition), or model.lora.r=0")
+        model = add_adapters(model, lora, head)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        self._info(f"LoRA r={lora.r}, alpha={lora.alpha:g}: {trainable:,} of {total:,} weights train"
+                   + (f" ({head} whole)" if head else ""))
         return model
+
+    def reference_for(self, engine, load):
+        """The frozen reference policy: with LoRA the policy itself, adapters off (no second copy of the weights);
+        else `load()`'s model, packed like the policy, as frozen_model makes it."""
+        if adapter_of(engine) is not None:
+            return AdapterOff(engine)
+        model = load()
+        if supports_packing(engine):
+            enable_packing(model)
+        return frozen_model(model, self.cfg, self.world, engine.device)
 
     def _resume(self, path: Path, universal: bool = False) -> None:
         state = ckpt.load_checkpoint(path, self.engines, universal)

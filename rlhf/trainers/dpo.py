@@ -18,7 +18,7 @@ from rlhf.algos.dpo import DPO_LOSSES, implicit_rewards, simpo_loss
 from rlhf.data.loading import load_rows
 from rlhf.data.sampler import StepSampler
 from rlhf.engine import distributed as dist
-from rlhf.engine.engine import backward, build_engine, frozen_model, optimizer_step, zero_stage
+from rlhf.engine.engine import backward, build_engine, optimizer_step, zero_stage
 from rlhf.errors import DataError
 from rlhf.models.dropout import disable_dropout
 from rlhf.models.zoo import load_policy, load_reference, load_tokenizer, training_model_config
@@ -77,12 +77,12 @@ class DPOTrainer(Trainer):
         policy = load_policy(training_model_config(cfg.model), self.tokenizer, cfg.run.seed)
         if cfg.trainer.disable_dropout:
             disable_dropout(policy)
-        packed = self.packs(policy)
+        policy = self.adapt(policy)
+        self.packs(policy)
         self.engine = build_engine(policy, cfg, self.world)
         self.engines = {"policy": self.engine}
-        self.reference = None if algo.loss_type == "simpo" else frozen_model(
-            self.packed_like(load_reference(cfg.model, self.tokenizer, cfg.run.seed), packed), cfg, self.world,
-            self.engine.device)
+        self.reference = None if algo.loss_type == "simpo" else self.reference_for(
+            self.engine, lambda: load_reference(cfg.model, self.tokenizer, cfg.run.seed))
         self.shared_prefix = self.shares_prefixes()
         if self.reference is not None and algo.precompute_reference:
             self.cache_reference()

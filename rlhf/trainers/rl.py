@@ -111,7 +111,8 @@ class RLTrainer(Trainer):
         if cfg.trainer.disable_dropout and disable_dropout(policy):
             self._info("dropout switched off in the policy (trainer.disable_dropout): the update's log-probs are "
                        "those of the rollout")
-        packed = self.packs(policy)
+        policy = self.adapt(policy)
+        self.packs(policy)
         self.engine = build_engine(policy, cfg, self.world, grad_accum=self.grad_accum,
                                    optimizer_steps=cfg.trainer.max_steps * self.passes * self.mini_batches)
         self.engines = {"policy": self.engine}
@@ -120,8 +121,8 @@ class RLTrainer(Trainer):
         scorer = self.rewards.model
         if scorer is not None:
             scorer.classifier = frozen_model(scorer.classifier, cfg, self.world, self.engine.device)
-        self.reference = frozen_model(self.packed_like(load_reference(cfg.model, self.tokenizer, cfg.run.seed), packed),
-                                      cfg, self.world, self.engine.device) if self.needs_reference else None
+        self.reference = self.reference_for(self.engine, lambda: load_reference(
+            cfg.model, self.tokenizer, cfg.run.seed)) if self.needs_reference else None
         frozen = [name for name, m in (("reference", self.reference),
                                        ("reward model", scorer.classifier if scorer is not None else None))
                   if m is not None and any(hasattr(p, "ds_id") for p in m.parameters())]  # ZeRO-3's parameters

@@ -41,7 +41,7 @@ class SFTTrainer(Trainer):
                                       cfg.eval.num_examples)
         self.lengths = [len(e.prompt_ids) + len(e.response_ids) for e in self.train]
         self.sampler = StepSampler(len(self.train), cfg.run.seed)
-        model = load_policy(training_model_config(cfg.model), self.tokenizer, cfg.run.seed)
+        model = self.adapt(load_policy(training_model_config(cfg.model), self.tokenizer, cfg.run.seed))
         self.packed = self.packs(model)
         self.engine = build_engine(model, cfg, self.world)
         self.engines = {"policy": self.engine}

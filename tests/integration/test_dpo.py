@@ -33,3 +33,20 @@ def test_dpo_end_to_end(tmp_path, fast):
 def test_dpo_refuses_a_beta_of_zero(tmp_path):
     proc = run_cli("dpo", f"run.dir={tmp_path}/r", "algo.beta=0", check=False)
     assert proc.returncode == 2 and "algo.beta=0" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_dpo_with_lora_starts_at_its_reference_and_exports_merged_weights_and_the_adapter(tmp_path, fast):
+    """With model.lora.r the reference is the policy's base, adapters off: at the first step the policy equals it
+    (loss log 2, as with a second copy); final/ is a plain model with the adapters folded in, final/adapter/ the
+    adapter peft loads onto the base."""
+    run_dir = tmp_path / "dpo"
+    proc = run_cli("dpo", f"run.dir={run_dir}", *fast, *PAIRS, "model.lora.r=4", "trainer.lr=1e-2")
+    assert "LoRA r=4" in proc.stdout + proc.stderr
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    assert train[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and train[0]["rewards/margin"] == 0
+    assert train[-1]["rewards/margin"] != 0, "the adapters moved the policy away from its base"
+    merged = AutoModelForCausalLM.from_pretrained(run_dir / "final")
+    adapter = json.loads((run_dir / "final" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and adapter["peft_type"] == "LORA"
+    assert not any("lora" in name for name, _ in merged.named_parameters())

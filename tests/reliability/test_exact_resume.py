@@ -27,6 +27,10 @@ STAGES = {
     "grpo": ["trainer.prompts_per_step=2", "algo.group_size=4", "rollout.max_new_tokens=8",
              "reward.funcs=[tests.integration.rewards_for_tests:varied]", "reward.weights=[1.0]",
              "trainer.micro_batch_size=4", "algo.num_iterations=2"],
+    # LoRA: checkpoints hold the adapters and their optimizer state only; the reference is the base, adapters off
+    "grpo lora": ["model.lora.r=4", "trainer.prompts_per_step=2", "algo.group_size=4", "rollout.max_new_tokens=8",
+                  "reward.funcs=[tests.integration.rewards_for_tests:varied]", "reward.weights=[1.0]",
+                  "trainer.micro_batch_size=4", "algo.beta=0.1", "trainer.lr=1e-2"],
 }
 COMMON = ["trainer.max_steps=12", "trainer.save_every=2", "trainer.keep_last=10", "trainer.eval_every=0"]
 
@@ -51,7 +55,7 @@ def _weights(run_dir) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_resume_after_sigkill_matches_an_uninterrupted_run(stage, tmp_path):
-    args = [stage, *FAST, *COMMON, *STAGES[stage]]
+    args = [stage.split()[0], *FAST, *COMMON, *STAGES[stage]]
     full, killed = tmp_path / "full", tmp_path / "killed"
     run_cli(*args, f"run.dir={full}")
     _kill_after_first_checkpoint([*args, f"run.dir={killed}"], killed)
