@@ -2,7 +2,7 @@
 batch: the same per-step metrics (relative 1e-3, or 1e-6 absolute for values near 0) and the same final weights
 (1e-5 absolute; measured: 1e-6 or less, while the updates themselves move weights by 2e-4 to 8e-4). fp32 on CPU.
 
-The four stages run as one `rlhf pipeline` under `deepspeed --num_gpus 2 --module rlhf.cli` (one launch, the
+The five stages run as one `rlhf pipeline` under `deepspeed --num_gpus 2 --module rlhf.cli` (one launch, the
 stages in-process): the 1-process run accumulates two micro-batches where the 2-process run has one per rank,
 and RL sampling is seeded per sample (rollout.seeded), so both see the same responses."""
 
@@ -24,7 +24,7 @@ from tests.integration.conftest import REPO, run_cli
 
 pytestmark = pytest.mark.slow
 
-STAGES = ("sft", "train_rm", "ppo", "grpo")
+STAGES = ("sft", "train_rm", "ppo", "grpo", "dpo")
 ARGS = [
     *(f"common.{o}" for o in (
         "model.tiny.hidden_size=32", "model.tiny.num_layers=1", "model.tiny.intermediate_size=64",
@@ -36,11 +36,13 @@ ARGS = [
     "grpo.trainer.max_steps=2", "grpo.trainer.save_every=1", "grpo.trainer.keep_last=5",
     "grpo.trainer.prompts_per_step=4", "grpo.algo.group_size=2", "grpo.algo.beta=0.04",
     "grpo.reward.funcs=[tests.integration.rewards_for_tests:varied]", "grpo.reward.weights=[1.0]",
-    "pipeline.stages=[sft,train_rm,ppo,grpo]", "pipeline.report=false",
+    "dpo.trainer.max_steps=2", "dpo.data.arithmetic.num_train=32",
+    "pipeline.stages=[sft,train_rm,ppo,grpo,dpo]", "pipeline.report=false",
     # ZeRO-3 can run neither the LM term nor length buckets, and one single-process run serves both stages
     "train_rm.algo.lm_coef=0", "train_rm.trainer.group_by_length=false",
 ]
-SINGLE = ["sft.trainer.grad_accum=2", "train_rm.trainer.grad_accum=2"]  # = 2 ranks x 1 micro-batch of 4
+SINGLE = ["sft.trainer.grad_accum=2", "train_rm.trainer.grad_accum=2",  # = 2 ranks x 1 micro-batch of 4
+          "dpo.trainer.grad_accum=2"]
 
 
 def _free_port() -> int:
