@@ -159,3 +159,15 @@ def test_a_two_process_run_resumes_exactly_on_two_processes_and_on_one(two, tmp_
     state = json.loads((checkpoints / (checkpoints / "latest").read_text() / "trainer_state.json").read_text())
     assert state["world_size"] == 1
     assert state["samples_seen"] == max(r.get("samples_seen", 0) for r in read_metrics(root / stage))
+
+
+def test_lora_under_zero2_on_two_processes_matches_one(tmp_path):
+    """LoRA adapters with the reference as the base, adapters off: 2 processes under ZeRO-2 train what one trains
+    (the merged final/ included); ZeRO-3 is refused before any work, with the error that says why."""
+    args = ["dpo", "model.lora.r=4", "trainer.lr=1e-2", "trainer.max_steps=2", "data.arithmetic.num_train=32",
+            *(o.removeprefix("common.") for o in ARGS if o.startswith("common.") and "rollout." not in o)]
+    run_cli(*args, f"run.dir={tmp_path / 'one'}", "trainer.grad_accum=2")
+    run_two_processes(*args, f"run.dir={tmp_path / 'two'}", "deepspeed=zero2")
+    assert_same_run(tmp_path / "one", tmp_path / "two", "dpo lora")
+    refused = run_cli(*args, f"run.dir={tmp_path / 'three'}", "deepspeed=zero3", check=False)
+    assert refused.returncode != 0 and "model.lora.r=4 under ZeRO-3 is not supported" in refused.stderr
