@@ -155,6 +155,21 @@ def case_prompts_without_the_answer_the_accuracy_reward_needs(tmp):
     return ["grpo", "data=local", f"data.path={data}", "data.eval_size=2"], ["p.jsonl", "`accuracy`", "`answer`"]
 
 
+def case_dpo_identical_preference(tmp):
+    data = _jsonl(tmp / "p.jsonl", [{"prompt": "1+1=", "chosen": "2", "rejected": "2"},
+                                    {"prompt": "2+2=", "chosen": "4", "rejected": "5"}])
+    return ["dpo", "data=local", f"data.path={data}", "algo.on_invalid=error"], ["p.jsonl"]
+
+
+def case_dpo_rows_without_a_rejected_response(tmp):
+    data = _jsonl(tmp / "p.jsonl", [{"prompt": f"{i}+1=", "chosen": str(i + 1)} for i in range(4)])
+    return ["dpo", "data=local", f"data.path={data}"], ["p.jsonl", "rejected"]
+
+
+def case_negative_lora_rank(tmp):
+    return ["grpo", "model.lora.r=-1"], ["model.lora.r=-1", ">= 0"]
+
+
 CASES = {name.removeprefix("case_"): fn for name, fn in globals().items() if name.startswith("case_")}
 
 

@@ -87,3 +87,57 @@ def test_guard_of_answers_for_the_engines_given_one_only():
     engines._GUARDS[ours] = StepGuard(3, 0)
     assert engines.guard_of(ours) is engines._GUARDS[ours]
     assert engines.guard_of(other) is None and engines.guard_of(None) is None and engines.guard_of(1) is None
+
+
+ROUND_TRIP = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from types import SimpleNamespace
+    import torch
+    from rlhf.config import load_config
+    from rlhf.engine import distributed as dist
+    from rlhf.engine.engine import backward, build_engine, guard_of, optimizer_step
+    from rlhf.models.tiny import build_tiny_model
+    from rlhf.models.tokenizer import build_char_tokenizer
+    from rlhf.trainers.base import Trainer
+
+    dist.init_distributed()
+    try:
+        cfg = load_config("sft", ["model.tiny.hidden_size=16", "model.tiny.num_layers=1",
+                                  "model.tiny.intermediate_size=32", "trainer.micro_batch_size=2",
+                                  "guard.max_bad_steps=3"])
+
+        def trainer():  # what Trainer._save and _resume read
+            engine = build_engine(build_tiny_model(cfg.model.tiny, build_char_tokenizer(), seed=0), cfg, world_size=1)
+            return SimpleNamespace(engines={"policy": engine}, step=0, samples_seen=0, world=1, stage="sft", cfg=cfg,
+                                   run_dir=Path(sys.argv[1]), zero_stage=lambda: 0, extra_state=lambda: {},
+                                   load_extra_state=lambda state: None)
+
+        before = trainer()
+        engine = before.engines["policy"]
+        for poisoned in (True, True, False):
+            loss = engine(input_ids=torch.randint(3, 20, (2, 6))).logits.float().mean()
+            backward(engine, loss * float("nan") if poisoned else loss)
+            optimizer_step(engine)
+            guard_of(engine).end_step(1)
+        assert guard_of(engine).total == 2 and guard_of(engine).consecutive == 0
+        before.step = 3
+        Trainer._save(before)
+        after = trainer()
+        assert guard_of(after.engines["policy"]).total == 0
+        Trainer._resume(after, Path(sys.argv[1]) / "checkpoints" / "step_00000003")
+        assert after.step == 3 and guard_of(after.engines["policy"]).total == 2
+        print("ok")
+    finally:
+        dist.shutdown()
+""")
+
+
+def test_the_count_of_skipped_steps_survives_a_checkpoint_and_resume(tmp_path):
+    """guard/skipped_total goes on counting after a resume: it is saved with the trainer state and read back."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    proc = subprocess.run([sys.executable, "-c", ROUND_TRIP, str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr
