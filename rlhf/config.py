@@ -335,8 +335,9 @@ class RewardTrainerConfig(TrainerConfig):
 
     shared_prefix: bool = True
     """Run each preference row's prompt once for all of its responses (chosen and rejected), its keys and values
-    reused by each: the same scores and gradients for less work. Off under ZeRO-3 (every forward is a collective
-    there), with gradient checkpointing and for encoder classifiers."""
+    reused by each: the same scores and gradients for less work. For padded micro-batches only (trainer.padding_free
+    shares the prompt itself). Off under ZeRO-3 (every forward is a collective there), with gradient checkpointing
+    and for encoder classifiers."""
 
 
 @dataclass
@@ -354,8 +355,9 @@ class RLTrainerConfig(TrainerConfig):
     """Prompts per step over all processes (each sampled algo.group_size times in GRPO, algo.samples_per_prompt in PPO)."""
     shared_prefix: bool = True
     """Run a prompt that several samples of a micro-batch share (a GRPO group) once in the log-prob passes and the
-    update, its keys and values reused by each sample: the same numbers for less work. Off under ZeRO-3 (every
-    forward is a collective there, and ranks could differ in how many they run) and with gradient checkpointing."""
+    update, its keys and values reused by each sample: the same numbers for less work. For padded micro-batches only
+    (trainer.padding_free shares the prompt itself). Off under ZeRO-3 (every forward is a collective there, and
+    ranks could differ in how many they run) and with gradient checkpointing."""
     disable_dropout: bool = True
     """Set every dropout probability of the policy (and critic) to 0, as TRL's disable_dropout: the rollout's old
     log-probs and the update's new ones then come from the same function, so the ratio is exactly 1 at the first
@@ -535,8 +537,9 @@ class DPOTrainerConfig(TrainerConfig):
     """Set every dropout probability of the policy to 0 (as TRL's DPO): the reference's log-probs and the policy's
     are then the same function at the start, so every implicit reward starts at 0."""
     shared_prefix: bool = True
-    """Run each pair's prompt once for its chosen and rejected responses (the same log-probs for less work). Off under
-    ZeRO-3 and with gradient checkpointing."""
+    """Run each pair's prompt once for its chosen and rejected responses (the same log-probs for less work). For
+    padded micro-batches only (trainer.padding_free shares the prompt itself). Off under ZeRO-3 and with gradient
+    checkpointing."""
 
 
 @dataclass
