@@ -79,12 +79,6 @@ def pack(rows: Sequence[Sequence[int]], prefixes: Sequence[tuple[Hashable, int]]
             "packed_owner": torch.tensor(owner, dtype=torch.long)}
 
 
-def row_positions(batch: Mapping[str, Tensor]) -> Tensor:
-    """[B, L] packed index of each row's tokens, -1 past the row's end."""
-    rows = batch["packed_rows"]
-    return torch.where(rows == batch["packed_ids"].shape[1], -1, rows)
-
-
 def to_rows(packed: Tensor, rows: Tensor) -> Tensor:
     """Per-token outputs [1, T, ...] of a packed batch in the rows' layout [B, L, ...] given its `packed_rows`
     (zeros past each row's end; a shared prompt token's output copied to every row holding it, its gradient the sum

@@ -122,15 +122,15 @@ def _packed_logit_blocks(model, exp: Experience) -> tuple[list[Tensor], list[Ten
         prompt = [t for t, m in zip(ids[:p], mask[:p]) if m]
         rows.append(prompt + [t for t, m in zip(ids[p:], mask[p:]) if m])
         prefixes.append((tuple(prompt), len(prompt)))
-    batch = {k: v.to(exp.sequences.device) for k, v in pack(rows, prefixes).items()}
-    lengths = exp.attention_mask[:, p:].sum(-1).tolist()
-    index = batch["packed_rows"].tolist()
-    prompt_last = [index[b][len(prefixes[b][0]) - 1] for b in range(len(rows))]
+    packed = pack(rows, prefixes)
+    index = packed["packed_rows"].tolist()  # read on the host, before the batch moves to the device
+    prompt_last = [index[b][length - 1] for b, (_, length) in enumerate(prefixes)]
     distinct = sorted(set(prompt_last))
     # response token j >= 1 of row b is predicted by the row's token before it, which only that row holds
-    within = [(b, j) for b in range(len(rows)) for j in range(1, lengths[b])]
-    keep = distinct + [index[b][len(prefixes[b][0]) + j - 1] for b, j in within]
+    within = [(b, j) for b, (_, length) in enumerate(prefixes) for j in range(1, len(rows[b]) - length)]
+    keep = distinct + [index[b][prefixes[b][1] + j - 1] for b, j in within]
     device = exp.sequences.device
+    batch = {k: v.to(device) for k, v in packed.items()}
     logits = packed_forward(model, batch, logits_to_keep=torch.tensor(keep, device=device)).logits
     slot = {position: i for i, position in enumerate(distinct)}
     first = logits[0, [slot[i] for i in prompt_last]].unsqueeze(1)  # [B, 1, V]

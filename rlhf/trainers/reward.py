@@ -86,7 +86,7 @@ class RewardModelTrainer(Trainer):
             raise ConfigError("algo.loss=listwise takes no algo.label_smoothing and no margin column; set "
                               "algo.label_smoothing=0 and algo.use_margin=false, or use algo.loss=pairwise")
         model = load_reward_model(training_model_config(cfg.model), self.tokenizer, cfg.run.seed)
-        model = self.adapt(model, head=next(n for n in ("score", "classifier") if hasattr(model, n)))
+        model = self.adapt(model, head=next((n for n in ("score", "classifier") if hasattr(model, n)), None))
         prepare_for_training(model, cfg.model)
         check_score(self.score, model)
         self.lm_coef = self.language_modelling_weight(model)
