@@ -64,7 +64,7 @@ class Workload:
     lr: float = 1e-4
     kl_coef: float = 0.02  # GRPO beta and PPO kl_coef: both load and run a frozen reference
     dpo_beta: float = 0.1  # DPO's beta (ours and TRL's default); DPO always runs a frozen reference
-    vocab_size: int = 0  # above the tokenizer's 103: the model's embedding and output head padded to this many rows
+    vocab_size: int = 0  # above the tokenizer's 107: the model's embedding and output head padded to this many rows
     seed: int = 0
 
     @property

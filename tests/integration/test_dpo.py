@@ -22,8 +22,9 @@ def test_dpo_end_to_end(tmp_path, fast):
     first = next(r for r in records if "loss" in r)
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "grad_norm"):
         assert key in first, key
-    # the policy is its reference at the first step: h = 0, loss -log sigmoid(0)
-    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6) and first["rewards/margin"] == 0
+    # the policy is its reference at the first step: h = 0, loss -log sigmoid(0). The reference's log-probs were
+    # computed before training, over other micro-batches (other packs, other matmul shapes): equal to rounding.
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6) and abs(first["rewards/margin"]) < 1e-5
     assert {"eval/rewards/accuracy", "eval/accuracy"} <= set(records[-1])
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["stage"] == "dpo" and 0 <= summary["rewards_accuracy"] <= 1 and "accuracy" in summary

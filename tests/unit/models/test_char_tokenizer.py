@@ -4,7 +4,7 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from rlhf.models import build_char_tokenizer
-from rlhf.models.tokenizer import CHARACTERS, ROLE_TOKENS, SPECIAL_TOKENS
+from rlhf.models.tokenizer import CHARACTERS, ROLE_TOKENS, SPECIAL_TOKENS, TAG_TOKENS
 
 PRINTABLE = st.text(alphabet=st.sampled_from(CHARACTERS), max_size=80)
 MESSAGES = [
@@ -30,7 +30,8 @@ def test_special_token_ids(tokenizer):
     assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (0, 1, 2)
     assert tokenizer.convert_tokens_to_ids(list(ROLE_TOKENS)) == [3, 4, 5]
     assert tokenizer.bos_token is None
-    assert len(tokenizer) == 6 + 95 + 2
+    assert len(tokenizer) == 6 + 95 + 2 + 4
+    assert tokenizer.convert_tokens_to_ids(list(TAG_TOKENS)) == [103, 104, 105, 106]
     assert tokenizer.model_max_length >= 100_000
 
 
@@ -42,10 +43,26 @@ def test_vocabulary_is_deterministic(tokenizer):
 @given(text=PRINTABLE)
 def test_round_trip_one_token_per_char(tokenizer, text):
     # A special token's spelling ("<eos>") is meant to encode as that token, which decoding then skips.
-    assume(not any(token in text for token in SPECIAL_TOKENS))
+    assume(not any(token in text for token in SPECIAL_TOKENS + TAG_TOKENS))
     ids = tokenizer.encode(text)
     assert len(ids) == len(text)
     assert tokenizer.decode(ids, skip_special_tokens=True) == text
+
+
+@settings(max_examples=100, deadline=None)
+@given(parts=st.lists(st.one_of(PRINTABLE, st.sampled_from(TAG_TOKENS)), max_size=6))
+def test_reasoning_tags_are_one_token_each_and_survive_decoding(tokenizer, parts):
+    text = "".join(parts)
+    assume(not any(token in text for token in SPECIAL_TOKENS))
+    # skip_special_tokens drops the markers only: the rewards read the tags in the decoded text.
+    assert tokenizer.decode(tokenizer.encode(text), skip_special_tokens=True) == text
+
+
+def test_a_task_answer_is_short(tokenizer):
+    answer = "<think>7+8=15,4+3+1=8</think><answer>85</answer>"
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer.encode(answer))
+    assert tokens[0] == "<think>" and tokens[-3:] == ["8", "5", "</answer>"] and len(tokens) == len(answer) - 28
+    assert len(tokenizer.encode("<thin k></answer >")) == 18
 
 
 WHITESPACE_AND_PUNCTUATION = [
@@ -101,7 +118,7 @@ def test_batch_pads_on_the_right_with_pad_id(tokenizer):
 
 
 def test_save_load_identical(tokenizer, reloaded):
-    texts = ["  hello \n world ", "é<eos><|user|>x", "\t12+3=", ""]
+    texts = ["  hello \n world ", "é<eos><|user|>x", "\t12+3=", "", "<think>1+2=3</think><answer>3</answer>"]
     for text in texts:
         assert reloaded.encode(text) == tokenizer.encode(text)
         ids = tokenizer.encode(text)

@@ -45,7 +45,7 @@ def reference(model, prefs):
 def test_matches_a_plain_loop_and_splits_by_the_step_token_count(model_and_batch):
     model, batch, prefs = model_and_batch
     expected, count = reference(model, prefs)
-    assert count == 2 + 20  # "3" and "<answer>42</answer>", a token per character, each closed by EOS
+    assert count == 2 + 5  # "3" and "<answer>42</answer>" (a token per character, a tag one token), each closed by EOS
     hidden = hidden_states(model, batch["input_ids"], batch["attention_mask"])
     whole = chosen_lm_loss(model, hidden, batch, float(count))
     assert whole.item() == pytest.approx(expected, rel=1e-5)
