@@ -143,7 +143,7 @@ class ArithmeticConfig:
     """Held-out rows, disjoint from the training ones."""
     wrong_rate: float = 0.0
     """Share of demonstrations whose answer is replaced by a wrong one."""
-    carry_drop_rate: float = 0.5
+    carry_drop_rate: float = 0.7
     """Share of demonstrations that systematically drop carries (a flawed teacher)."""
     pairs_per_problem: int = 1
     """Preference pairs per training problem, each with a different kind of rejection (held-out problems keep one)."""

@@ -121,7 +121,7 @@ def test_dpo_is_an_optional_policy_stage_from_the_sft_checkpoint(tmp_path):
 
 def test_the_recipe_sets_each_stage_under_common_and_the_stage_section(tmp_path):
     demo = load_config("pipeline", [])
-    assert section("grpo", demo)["trainer.max_steps"] == 50  # conf/recipe/demo.yaml
+    assert section("grpo", demo)["trainer.max_steps"] == 110  # conf/recipe/demo.yaml
     assert demo.pipeline.rm_init == "sft"
     full = load_config("pipeline", section_overrides(["recipe=full", "ppo.trainer.lr=3e-4"]))
     assert section("grpo", full)["trainer.max_steps"] == 140
