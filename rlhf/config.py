@@ -58,6 +58,7 @@ ScaleRewards = _choices("ScaleRewards", "group batch none")
 GRPOLossType = _choices("GRPOLossType", "grpo bnpo dapo dr_grpo")
 RatioLevel = _choices("RatioLevel", "token sequence")
 ZeroVariance = _choices("ZeroVariance", "keep skip resample")
+RolloutEngine = _choices("RolloutEngine", "hf vllm")
 KLEstimator = _choices("KLEstimator", "k1 k2 k3")
 KLIn = _choices("KLIn", "reward loss")
 PPOLossType = _choices("PPOLossType", "token_mean seq_mean_token_mean")
@@ -380,6 +381,13 @@ class RolloutConfig:
     """Draw each response from its own seed (run.seed, its position in the data stream, its index in the group),
     so the samples do not depend on batch size or the number of processes (resume on another process count sees
     the same ones); false = torch's sampler on the global RNG."""
+    engine: RolloutEngine = RolloutEngine.hf
+    """What samples the RL rollouts: hf (the policy itself, with a KV cache) or vllm (a vLLM engine in each process on
+    its GPU, given the policy's weights after every update; `pip install 'rlhf[vllm]'`, CUDA only). Evaluation
+    always decodes with the policy itself."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """rollout.engine=vllm: share of the GPU's memory vLLM may take for its weights and KV cache (the rest is the
+    training's)."""
 
 
 @dataclass
@@ -742,6 +750,7 @@ _RANGES = (
     ("algo.epsilon_high", lambda v: v is None or v > 0, "> 0 or null (= algo.epsilon)"),
     ("algo.dual_clip", lambda v: v is None or v > 1, "> 1 (a bound on -A x ratio) or null"),
     ("algo.value_clip", lambda v: v is None or v > 0, "> 0 or null (unclipped)"),
+    ("rollout.vllm_gpu_memory_utilization", lambda v: 0 < v <= 1, "in (0, 1]"),
     ("algo.entropy_coef", lambda v: v >= 0, ">= 0 (0 = off)"),
     ("algo.beta", lambda v: v >= 0, ">= 0 (0 = no KL term)"),
     ("algo.kl_coef", lambda v: v >= 0, ">= 0 (0 = no KL penalty)"),

@@ -65,6 +65,7 @@ class RLTrainer(Trainer):
         super().__init__(cfg)
         self.reward_totals = {"reward_errors": 0, "all_none": 0}
         self._warned_all_none = False
+        self.vllm = None  # rollout.engine=vllm: the VLLMRollout built in setup
 
     def _check_sizes(self) -> None:
         t = self.cfg.trainer
@@ -130,6 +131,11 @@ class RLTrainer(Trainer):
             self._info(f"{' and '.join(frozen)} partitioned over {self.world} process(es) (ZeRO-3 inference engine)")
         self.sampling = SamplingParams.from_config(cfg.rollout)
         self.shared_prefix = self.shares_prefixes()
+        if cfg.rollout.engine == "vllm":
+            from rlhf.rollout.vllm_engine import VLLMRollout  # imports vLLM: only when asked for
+
+            self.vllm = VLLMRollout(self.engine.module, self.tokenizer, cfg.rollout, cfg.run.seed,
+                                    cfg.data.max_prompt_length)
 
     # ---- experience --------------------------------------------------------------------------------
     def draw(self, count: int, stats: StepStats) -> Samples:
@@ -148,9 +154,13 @@ class RLTrainer(Trainer):
         prompts = [self.prompt_ids[i] for i in rows]
         seeds = sample_seeds(cfg.run.seed, positions, n) if cfg.rollout.seeded else None
         with stats.timed("generate_s"):
-            responses = generate(self.engine.module, prompts, self.tokenizer.pad_token_id,
-                                 self.tokenizer.eos_token_id, self.sampling, cfg.rollout.batch_size,
-                                 synced_gpus=zero_stage(self.engine) == 3, seeds=seeds)
+            if self.vllm is not None:
+                self.vllm.sync(self.engine, self.engine.global_steps)  # after an update: the new weights
+                responses = self.vllm.generate(prompts, self.sampling, seeds)
+            else:
+                responses = generate(self.engine.module, prompts, self.tokenizer.pad_token_id,
+                                     self.tokenizer.eos_token_id, self.sampling, cfg.rollout.batch_size,
+                                     synced_gpus=zero_stage(self.engine) == 3, seeds=seeds)
         texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
         data = [self.rows[i] for i in rows]
         columns = {k: [r.get(k) for r in data] for k in data[0] if k != "prompt"}

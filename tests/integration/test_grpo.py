@@ -1,9 +1,11 @@
 import json
+import os
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
-from tests.integration.conftest import run_cli
+from tests.integration.conftest import REPO, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -114,3 +116,27 @@ def test_grpo_with_the_code_reward_on_a_local_file_in_mbpp_layout(tmp_path, fast
             "trainer.prompts_per_step=2", "algo.group_size=4", "rollout.max_new_tokens=8", *fast)
     train = [r for r in read_metrics(run_dir) if "reward/mean" in r][0]
     assert train["reward/code"] == 0.0 and train["reward/all_none"] == 0  # scored (and failed), not skipped
+
+
+def test_vllm_rollouts_sample_what_hf_samples_with_the_weights_of_every_update(tmp_path, fast, sft_checkpoint):
+    """rollout.engine=vllm against a stand-in vLLM (tests/fake_vllm: random weights at start, rlhf's own seeded
+    sampler): only a run that loads the policy's weights before every step's rollout trains the weights hf trains."""
+    fake = str(REPO / "tests" / "fake_vllm")
+    runs = {}
+    for engine in ("hf", "vllm"):
+        run_dir = tmp_path / engine
+        proc = run_cli("grpo", f"run.dir={run_dir}", f"model.name_or_path={sft_checkpoint}", "trainer.max_steps=3",
+                       "trainer.eval_every=0", "trainer.prompts_per_step=4", "algo.group_size=4", "trainer.lr=1e-3",
+                       "rollout.max_new_tokens=12", "reward.funcs=[tests.integration.rewards_for_tests:varied]",
+                       "reward.weights=[1.0]", f"rollout.engine={engine}", *fast,
+                       env={"PYTHONPATH": os.pathsep.join([fake, str(REPO)])})
+        runs[engine] = (run_dir, proc.stdout + proc.stderr)
+    assert runs["vllm"][1].count("fake vllm: weights loaded") == 3  # one load per step, each after an update
+    rewards = {e: [json.loads(line).get("reward/mean") for line in (d / "metrics.jsonl").read_text().splitlines()]
+               for e, (d, _) in runs.items()}
+    assert rewards["vllm"] == rewards["hf"]
+    hf, vllm = (AutoModelForCausalLM.from_pretrained(runs[e][0] / "final").state_dict() for e in ("hf", "vllm"))
+    before = AutoModelForCausalLM.from_pretrained(sft_checkpoint).state_dict()
+    assert any(not torch.equal(hf[k], before[k]) for k in hf)  # the steps learned something
+    for key in hf:
+        torch.testing.assert_close(vllm[key], hf[key], rtol=0, atol=1e-6)
