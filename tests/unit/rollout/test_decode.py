@@ -70,3 +70,18 @@ def test_rows_that_have_ended_leave_the_batch_and_the_samples_stay_the_same(para
     assert len(lengths) > 2  # rows did end at different steps
     assert min(rows[1:]) < len(prompts)  # and the batch shrank as they did
     assert ours == reference(model, tok, prompts, params, seeds)
+
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
+def test_samples_what_generate_samples_on_other_layouts(arch):
+    """Grouped-query attention (Qwen2) and absolute positions (GPT-2) decode as transformers' generate does."""
+    from tests.unit.rollout.test_experience import small_hf
+
+    tok, model = small_hf(arch)
+    model.eval()
+    params = SamplingParams(max_new_tokens=12, temperature=1.0)
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+    seeds = sample_seeds(0, range(len(prompts)), 1)
+    assert generate(model, prompts, tok.pad_token_id, tok.eos_token_id, params, 16, seeds=seeds) == \
+        reference(model, tok, prompts, params, seeds)
