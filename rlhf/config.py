@@ -383,7 +383,7 @@ class RolloutConfig:
     the same ones); false = torch's sampler on the global RNG."""
     engine: RolloutEngine = RolloutEngine.hf
     """What samples the RL rollouts: hf (the policy itself, with a KV cache) or vllm (a vLLM engine in each process on
-    its GPU, given the policy's weights after every update; `pip install 'rlhf[vllm]'`, CUDA only). Evaluation
+    its GPU, given the policy's weights after every update; `pip install 'rlhf[vllm]'`, for GPUs). Evaluation
     always decodes with the policy itself."""
     vllm_gpu_memory_utilization: float = 0.3
     """rollout.engine=vllm: share of the GPU's memory vLLM may take for its weights and KV cache (the rest is the
