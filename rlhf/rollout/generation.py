@@ -27,6 +27,11 @@ class SamplingParams:
     top_k: int = 0
     greedy: bool = False
 
+    @property
+    def argmax(self) -> bool:
+        """Whether a draw is the most likely token (greedy set, or a temperature of 0)."""
+        return self.greedy or self.temperature <= 0
+
     @classmethod
     def from_config(cls, rollout) -> "SamplingParams":
         return cls(rollout.max_new_tokens, rollout.temperature, rollout.top_p, rollout.top_k)
@@ -173,7 +178,7 @@ def _greedy(_: torch.Tensor, logits: torch.Tensor, rows: torch.Tensor) -> torch.
 def _chooser(params: SamplingParams, seeds: Sequence[int] | None):
     """The next token from the last position's float32 logits: greedy, a seeded draw (SeededSampling), or torch's draw
     from the warped distribution."""
-    if params.greedy or params.temperature <= 0:
+    if params.argmax:
         return _greedy
     processors = list(_processors(params, seeds))
     seeded = processors.pop() if seeds is not None else None  # SeededSampling comes last: it draws

@@ -87,9 +87,8 @@ class VLLMRollout:
         self.synced_step = step
 
     def sampling_params(self, params: SamplingParams, seed: int | None):
-        greedy = params.greedy or params.temperature <= 0
         return self.vllm.SamplingParams(
-            n=1, max_tokens=params.max_new_tokens, temperature=0.0 if greedy else params.temperature,
+            n=1, max_tokens=params.max_new_tokens, temperature=0.0 if params.argmax else params.temperature,
             top_p=params.top_p, top_k=params.top_k if params.top_k > 0 else -1, seed=seed,
             stop_token_ids=[] if self.eos_id is None else [self.eos_id], detokenize=False)
 
