@@ -38,6 +38,7 @@ def deepspeed_config(cfg: DictConfig, world_size: int, lr: float | None = None,
             "must both be at least 1"
         )
     dtype = cfg.model.dtype
+    on_cpu = not torch.cuda.is_available()
     derived: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": trainer.micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
@@ -51,8 +52,9 @@ def deepspeed_config(cfg: DictConfig, world_size: int, lr: float | None = None,
                 "eps": 1e-8,
                 "weight_decay": float(trainer.weight_decay),
                 # DeepSpeed's fused Adam is a JIT-built C++ op on CPU (a compile per environment, and a hang
-                # for every later run if a build is killed holding its lock); torch's AdamW needs no build.
-                "torch_adam": not torch.cuda.is_available(),
+                # for every later run if a build is killed holding its lock); torch's AdamW needs no build, and
+                # its fused kernel (one pass over all tensors) steps 4-5x faster than its per-tensor loop.
+                **({"torch_adam": True, "fused": True} if on_cpu else {"torch_adam": False}),
             },
         },
         "bf16": {"enabled": dtype == "bf16"},

@@ -15,6 +15,7 @@ def test_deepspeed_config_derived_from_run():
     assert ds["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000}
     assert ds["bf16"]["enabled"] is False
     assert ds["optimizer"]["params"]["torch_adam"] is True  # on CPU: torch's AdamW, no JIT-built op to wait on
+    assert ds["optimizer"]["params"]["fused"] is True  # its one-kernel step, not a loop over tensors
 
 
 def test_zero_accumulation_refused_with_the_keys_to_change():

@@ -28,6 +28,8 @@ SCRIPT = textwrap.dedent("""
                                   "guard.max_bad_steps=1"])
         torch.manual_seed(0)
         engine = build_engine(build_tiny_model(cfg.model.tiny, build_char_tokenizer(), seed=0), cfg, world_size=1)
+        # on CPU the optimizer DeepSpeed builds is torch's fused AdamW (rlhf.engine.engine.deepspeed_config)
+        assert type(engine.optimizer) is torch.optim.AdamW and engine.optimizer.param_groups[0]["fused"] is True
         ids = torch.randint(3, 20, (2, 6))
         weights = lambda: [p.detach().clone() for p in engine.module.parameters()]
 
