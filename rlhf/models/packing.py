@@ -46,6 +46,12 @@ class PackedLayout:
     rows: Tensor
     owner: Tensor
 
+    @property
+    def dense(self) -> bool:
+        """Whether every row position holds a token of its own (rows of one length, nothing shared): the packed
+        tokens are then the rows laid end to end, and the rows' layout is a view of them, with nothing to copy."""
+        return self.owner.numel() == self.rows.numel()
+
 
 def pack(rows: Sequence[Sequence[int]], prefixes: Sequence[tuple[Hashable, int]] | None = None) -> dict[str, Tensor]:
     """Token rows as one packed batch: `packed_ids` and `packed_positions` [1, T] (the model's input_ids and
@@ -93,9 +99,16 @@ def packed_sdpa_attention(module, query: Tensor, key: Tensor, value: Tensor, att
     layout: PackedLayout | None = kwargs.pop(LAYOUT_KWARG, None)
     if layout is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    q, k, v = (to_rows(x.transpose(1, 2), layout.rows).transpose(1, 2) for x in (query, key, value))  # [B, H, L, D]
+    dense = layout.dense
+    q, k, v = (_in_rows(x.transpose(1, 2), layout.rows, dense).transpose(1, 2) for x in (query, key, value))
     out, _ = sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kwargs)  # [B, L, H, D]
-    return out.reshape(-1, *out.shape[2:]).index_select(0, layout.owner).unsqueeze(0), None
+    out = out.reshape(1, -1, *out.shape[2:])
+    return (out if dense else out[0].index_select(0, layout.owner).unsqueeze(0)), None
+
+
+def _in_rows(packed: Tensor, rows: Tensor, dense: bool) -> Tensor:
+    """[1, T, ...] in the rows' layout [B, L, ...]: a view when the layout is dense, else to_rows' copy."""
+    return packed.reshape(*rows.shape, *packed.shape[2:]) if dense else to_rows(packed, rows)
 
 
 AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)

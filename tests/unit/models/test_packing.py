@@ -8,6 +8,7 @@ from rlhf.algos.sft import sft_loss
 from rlhf.data.tokenize import Encoded, collate_lm, collate_lm_packed
 from rlhf.models.packing import (
     PACKED_SDPA,
+    PackedLayout,
     batch_forward,
     enable_packing,
     pack,
@@ -44,6 +45,10 @@ def test_pack_lays_out_rows_and_shares_prefixes_by_hand():
     assert out["packed_owner"].tolist() == [0, 1, 2, 3, 8, 9, 10, 15, 16, 17]
     plain = pack(rows)
     assert plain["packed_ids"].shape[1] == sum(map(len, rows))
+    layout = lambda out: PackedLayout(out["packed_rows"], out["packed_owner"])
+    assert not layout(out).dense and not layout(plain).dense  # shared or padded positions: attention gathers
+    assert layout(pack([[1, 2], [3, 4], [5, 6]])).dense  # equal rows, nothing shared: a view
+    assert not layout(pack([[1, 2], [1, 4]], [("p", 1), ("p", 1)])).dense
 
 
 def test_to_rows_copies_shared_tokens_and_sums_their_gradient():
@@ -55,17 +60,23 @@ def test_to_rows_copies_shared_tokens_and_sums_their_gradient():
     assert values.grad.flatten().tolist() == [2.0, 2.0, 1.0, 1.0]
 
 
+UNEQUAL = [Encoded([3, 4, 5], [6, 7, 8, 9, 1]), Encoded([3], [9, 1]), Encoded([2, 2, 2, 2, 2, 2], [5, 1]),
+           Encoded([8, 9], [10, 11, 12, 13, 14, 15, 16, 1])]
+EQUAL = [Encoded([3, 4, 5], [6, 7, 1]), Encoded([3], [9, 8, 7, 6, 1]), Encoded([2, 2, 2, 2, 2], [1])]
+
+
 @pytest.mark.parametrize("name", ["llama", "qwen2", "gpt2"])
-def test_packed_sft_batch_gives_the_padded_loss_logits_and_gradient(name):
-    """Rows of unequal length, packed: every real position's logits, the completion-only loss and the gradient are
-    those of the right-padded batch (Llama and Qwen2 with grouped keys and rotary positions, GPT-2 with absolute
-    position embeddings)."""
+@pytest.mark.parametrize("rows", [UNEQUAL, EQUAL], ids=["unequal", "equal"])
+def test_packed_sft_batch_gives_the_padded_loss_logits_and_gradient(name, rows):
+    """Rows packed: every real position's logits, the completion-only loss and the gradient are those of the
+    right-padded batch (Llama and Qwen2 with grouped keys and rotary positions, GPT-2 with absolute position
+    embeddings). Rows of unequal length go through attention gathered into the rows' layout; rows of one length
+    through a view of the packed tokens (a dense layout)."""
     model = build(name)
-    rows = [Encoded([3, 4, 5], [6, 7, 8, 9, 1]), Encoded([3], [9, 1]), Encoded([2, 2, 2, 2, 2, 2], [5, 1]),
-            Encoded([8, 9], [10, 11, 12, 13, 14, 15, 16, 1])]
     padded = collate_lm(rows, pad_id=0)
     assert enable_packing(model) and model.config._attn_implementation == PACKED_SDPA
     packed = collate_lm_packed(rows)
+    assert PackedLayout(packed["packed_rows"], packed["packed_owner"]).dense == (rows is EQUAL)
     assert packed["input_ids"].shape == (1, sum(len(e.prompt_ids) + len(e.response_ids) for e in rows))
     assert packed["loss_mask"].sum() == padded["loss_mask"].sum() == sum(len(e.response_ids) for e in rows)
     results = []
