@@ -8,6 +8,7 @@ import socket
 import time
 from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 from typing import Mapping
 
 import torch
@@ -59,6 +60,7 @@ def init_distributed(timeout_s: float = 300.0) -> None:
                         "MASTER_ADDR:MASTER_PORT (firewall, hostfile, launcher.master_addr)") from None
     if world_size() > 1:
         _check_ranks_answer(timeout_s, where)
+        _release_shared_memory_name()
 
 
 def _skip_shared_memory_comm() -> None:
@@ -77,14 +79,31 @@ def stale_build_locks(max_age_s: float = 900.0) -> list:
     """Lock files of torch's JIT extension builds (DeepSpeed's ops) older than any build takes.
 
     torch waits, silently and without limit, for a lock to disappear; a build killed mid-way leaves it behind."""
-    from pathlib import Path
-
     from torch.utils.cpp_extension import get_default_build_root
 
     given = os.environ.get("TORCH_EXTENSIONS_DIR")
     locks = Path(given).glob("*/lock") if given else Path(get_default_build_root()).glob("*/*/lock")
     now = time.time()
     return sorted(p for p in locks if now - p.stat().st_mtime > max_age_s)
+
+
+SHARED_MEMORY_DIR = Path("/dev/shm")
+
+
+def _release_shared_memory_name() -> None:
+    """Unlink the name of this rank's buffer for DeepSpeed's CPU shared-memory collective.
+
+    DeepSpeed creates one 69 MB POSIX shared-memory file per rank and never removes it: every multi-process CPU
+    run leaves its buffers in /dev/shm, which is RAM, until reboot (312 of them filled a 24 GiB machine and stalled
+    every process on it). Once every rank has passed the barrier, every rank has mapped every buffer; the mappings
+    outlive the name, and the memory goes back when the last process holding it exits."""
+    from deepspeed.comm import comm as ds_comm
+
+    if getattr(ds_comm.cdb, "shm_comm_op", None) is None:
+        return
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank()}")
+    (SHARED_MEMORY_DIR / name).unlink(missing_ok=True)
 
 
 def _check_ranks_answer(timeout_s: float, where: str) -> None:

@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from rlhf.tracking import read_metrics
-from tests.integration.conftest import REPO, run_cli
+from rlhf.engine.distributed import SHARED_MEMORY_DIR
+from tests.integration.conftest import REPO, run_cli, run_process
 
 pytestmark = pytest.mark.slow
 
@@ -55,14 +56,17 @@ def _free_port() -> int:
 
 
 def run_two_processes(*args: str) -> subprocess.CompletedProcess:
-    """`deepspeed --num_gpus 2 --module rlhf.cli ...`, as a user launches by hand."""
+    """`deepspeed --num_gpus 2 --module rlhf.cli ...`, as a user launches by hand; checks the run left none of
+    DeepSpeed's shared-memory buffers (69 MB of RAM per rank, each) behind."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
                                                            "MASTER_PORT")}
+    port = _free_port()
     cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--no_local_rank", "--master_port",
-           str(_free_port()), "--module", "rlhf.cli", *args]
-    proc = subprocess.run(cmd, cwd=REPO, env={**env, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True,
-                          timeout=600)
+           str(port), "--module", "rlhf.cli", *args]
+    proc = run_process(cmd, cwd=REPO, env={**env, "PYTHONUNBUFFERED": "1"})
     assert proc.returncode == 0, f"{' '.join(cmd)}: exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    assert "deepspeed_shm_comm" in proc.stdout + proc.stderr  # the collective whose buffers are checked below
+    assert not list(SHARED_MEMORY_DIR.glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     return proc
 
 
