@@ -24,7 +24,9 @@ from rlhf.jobs import Job
 from rlhf.plan import POLICIES, STAGES, Plan, as_overrides, eval_data_overrides, render_value
 from rlhf.plotting import plot_against_time, plot_run
 
-POLICY_KEYS = ("accuracy", "format_rate", "reward", "rm_score", "kl", "response_length")
+POLICY_KEYS = ("accuracy", "format_rate", "reward", "rm_score", "rm_auc", "kl", "response_length")
+# summary.json keys of `rlhf eval` where they differ from the report's
+EVAL_KEYS = {"rm_score": "reward/model", "rm_auc": "auc/model"}
 # The targets of the embedded demo (the arithmetic task on a 2-core CPU), checked against what was measured.
 DEMO_TARGETS = {"rm_accuracy": 0.95, "ppo_gain": 0.15, "grpo_gain": 0.30, "total_wall_s": 600.0}
 
@@ -70,7 +72,7 @@ def collect(plan: Plan) -> dict[str, dict[str, Any]]:
             evaluated = _read(plan.root / "eval" / stage.name / "summary.json")
             source = evaluated or own
             for key in POLICY_KEYS:
-                value = source.get("reward/model" if key == "rm_score" else key)
+                value = source.get(EVAL_KEYS.get(key, key))
                 if value is not None:
                     row[key] = value
             row["steps"] = own.get("steps")
@@ -135,7 +137,7 @@ def _cell(value: Any, key: str = "") -> str:
 
 
 def table(stages: dict[str, dict[str, Any]]) -> list[list[str]]:
-    header = ["checkpoint", "held-out accuracy", "format rate", "mean reward", "RM score", "KL to SFT (nats)",
+    header = ["checkpoint", "held-out accuracy", "format rate", "mean reward", "RM score", "RM AUC", "KL to SFT (nats)",
               "response length", "steps", "wall s"]
     rows = [header]
     for stage in POLICIES:
@@ -151,7 +153,9 @@ def render_markdown(stages, targets, plots: list[Path], root: Path, total_wall_s
     lines = ["# rlhf pipeline report", "",
              f"Pipeline directory `{root}`; total wall time of the stages and evaluations {total_wall_s:.0f} s.", "",
              "Every policy row is the same greedy evaluation on the same held-out prompts; mean reward is the rule "
-             "reward (accuracy + 0.2 x format); RM score is the reward model's normalised score of the same answers; "
+             "reward (accuracy + 0.2 x format); RM score is the reward model's normalised score of the same answers, "
+             "RM AUC how often it scores a right answer of that policy above a wrong one (0.5: it cannot tell them "
+             "apart, and a policy trained against it gains no more); "
              "KL is the exact KL to the SFT checkpoint summed over each answer.", "",
              "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]

@@ -182,6 +182,16 @@ def pairwise_accuracy(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Tenso
     return (chosen_rewards > rejected_rewards).float().mean()
 
 
+def ranking_auc(positive: Tensor, negative: Tensor) -> Tensor:
+    """P(score of a random positive > score of a random negative), ties counting half: the Mann-Whitney AUC of a
+    score separating two sets (a reward model's scores of a policy's right answers against its wrong ones), whatever
+    the score's scale or offset. nan when either set is empty."""
+    if positive.numel() == 0 or negative.numel() == 0:
+        return torch.tensor(float("nan"))
+    diff = positive.reshape(-1, 1).double() - negative.reshape(1, -1).double()
+    return (diff > 0).double().mean() + 0.5 * (diff == 0).double().mean()
+
+
 def ranking_accuracy(scores: Tensor, mask: Optional[Tensor] = None) -> Tensor:
     """Fraction of ordered pairs (j better than k, both real) with s_j > s_k, over all lists [N, K] (best first).
 

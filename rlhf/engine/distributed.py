@@ -201,6 +201,15 @@ def all_reduce_mean(values: Mapping[str, float]) -> dict[str, float]:
     return {k: v / n for k, v in all_reduce_sum(values).items()}
 
 
+def gather_objects(obj: object) -> list:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_object(obj: object, src: int = 0) -> object:
     if world_size() == 1:
         return obj

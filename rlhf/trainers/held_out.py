@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
 
 from omegaconf import DictConfig
 
+from rlhf.algos.reward_model import ranking_auc
 from rlhf.data.tokenize import encode_prompt, render_prompt
 from rlhf.engine import distributed as dist
 from rlhf.rewards.rules import REWARD_FUNCS
@@ -36,25 +39,29 @@ class HeldOut:
         return len(self.rows)
 
 
-def score_completions(held_out: HeldOut, indices: Sequence[int], completions: Sequence[str]) -> dict[str, float]:
-    """Sums (not means) of accuracy, format and length over the given rows, to be reduced across ranks."""
+def score_completions(held_out: HeldOut, indices: Sequence[int],
+                      completions: Sequence[str]) -> tuple[dict[str, float], list[Optional[float]]]:
+    """Sums (not means) of accuracy, format and length over the given rows, to be reduced across ranks, and each
+    row's accuracy (None where the row has no answer)."""
     prompts = [held_out.prompts[i] for i in indices]
     columns = {k: [held_out.rows[i].get(k) for i in indices] for k in held_out.rows[0] if k != "prompt"}
     sums = {"n": float(len(indices)), "format": 0.0, "correct": 0.0, "n_answer": 0.0}
     for value in REWARD_FUNCS.get("format")(prompts, list(completions), **columns):
         sums["format"] += value or 0.0
+    correct: list[Optional[float]] = [None] * len(indices)
     if "answer" in columns:
-        for value in REWARD_FUNCS.get("accuracy")(prompts, list(completions), **columns):
+        correct = list(REWARD_FUNCS.get("accuracy")(prompts, list(completions), **columns))
+        for value in correct:
             if value is not None:
                 sums["correct"] += value
                 sums["n_answer"] += 1
-    return sums
+    return sums, correct
 
 
 def reward_sums(rewards, held_out: HeldOut, indices: Sequence[int], completions: Sequence[str],
-                count: int | None = None) -> dict[str, float]:
+                count: int | None = None) -> tuple[dict[str, float], dict[str, list]]:
     """Sums of the weighted reward (and of each function's score when there are several) over the first `count`
-    of the given rows (all of them by default; all are scored)."""
+    of the given rows (all of them by default; all are scored), and each function's scores of those rows."""
     rows = [held_out.rows[i] for i in indices]
     columns = {k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"} if rows else {}
     result = rewards([held_out.prompts[i] for i in indices], list(completions), columns, rows=rows)
@@ -62,7 +69,27 @@ def reward_sums(rewards, held_out: HeldOut, indices: Sequence[int], completions:
     if len(result.per_function) > 1:
         for name, values in result.per_function.items():
             sums[f"reward/{name}"] = float(sum(v for v in values[:count] if v is not None))
-    return sums
+    return sums, {name: list(values[:count]) for name, values in result.per_function.items()}
+
+
+def separation(correct: Sequence[Optional[float]], scores: Mapping[str, Sequence[Optional[float]]]) -> dict[str, float]:
+    """eval/auc/<name>: how well each learned or user reward function (not the built-in rules) ranks the policy's
+    right answers above its wrong ones (ranking_auc over every rank's rows). A reward model near 1 still tells this
+    policy's answers apart; near 0.5, a policy optimised against it has moved to mistakes it cannot see, and more
+    steps against it gain nothing."""
+    names = [name for name in scores if name not in REWARD_FUNCS]
+    if not names:
+        return {}
+    mine = [(c, *(scores[name][i] for name in names)) for i, c in enumerate(correct) if c is not None]
+    rows = [row for part in dist.gather_objects(mine) for row in part]
+    out = {}
+    for j, name in enumerate(names, start=1):
+        scored = [(row[0], row[j]) for row in rows if row[j] is not None]
+        auc = ranking_auc(torch.tensor([s for c, s in scored if c > 0.5], dtype=torch.float64),
+                          torch.tensor([s for c, s in scored if c <= 0.5], dtype=torch.float64))
+        if not torch.isnan(auc):
+            out[f"eval/auc/{name}"] = float(auc)
+    return out
 
 
 def evaluate_policy(model, tokenizer, held_out: HeldOut, eval_cfg: DictConfig, synced_gpus: bool = False,
@@ -84,13 +111,15 @@ def evaluate_policy(model, tokenizer, held_out: HeldOut, eval_cfg: DictConfig, s
     responses = generate(model, [held_out.prompt_ids[i] for i in run], tokenizer.pad_token_id,
                          tokenizer.eos_token_id, params, eval_cfg.batch_size, synced_gpus=synced_gpus)
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-    sums = score_completions(held_out, mine, texts[:n])
+    sums, correct = score_completions(held_out, mine, texts[:n])
     if reference is not None:
         exp = build_experience([held_out.prompt_ids[i] for i in run], responses, tokenizer.pad_token_id,
                                tokenizer.eos_token_id, eval_cfg.max_new_tokens).to(dist.device())
         sums["kl"] = float(batched_response_kl(model, reference, exp, eval_cfg.batch_size)[:n].sum())
+    per_function: dict[str, list] = {}
     if rewards is not None:
-        sums.update(reward_sums(rewards, held_out, run, texts, count=n))
+        reward_totals, per_function = reward_sums(rewards, held_out, run, texts, count=n)
+        sums.update(reward_totals)
     responses, texts = responses[:n], texts[:n]
     sums["length"] = float(sum(len(r) for r in responses))
     sums["truncated"] = float(sum(tokenizer.eos_token_id not in r for r in responses))
@@ -101,6 +130,8 @@ def evaluate_policy(model, tokenizer, held_out: HeldOut, eval_cfg: DictConfig, s
     if total["n_answer"] > 0:
         metrics["eval/accuracy"] = total["correct"] / total["n_answer"]
     metrics.update({f"eval/{k}": v / n for k, v in total.items() if k == "kl" or k.startswith("reward")})
+    if rewards is not None:
+        metrics.update(separation(correct, per_function))
     if samples_file is not None and dist.is_main():
         with samples_file.open("w") as f:
             for i, text in list(zip(mine, texts))[:32]:

@@ -47,6 +47,7 @@ def test_pipeline_wires_stages_reports_and_skips_finished(tmp_path):
     assert stages["sft"]["kl"] == 0.0  # the SFT checkpoint against itself
     report = (root / "report.md").read_text()
     assert "| checkpoint | held-out accuracy |" in report and "GRPO (verifier)" in report and "DPO (preference" in report
+    assert "| RM score | RM AUC |" in report
     assert {"accuracy", "kl"} <= set(stages["dpo"])
     assert (root / "report.html").read_text().count("data:image/png;base64,") >= 3
     assert (root / "plots" / "accuracy_vs_time.png").is_file()

@@ -12,6 +12,7 @@ from rlhf.algos.reward_model import (
     last_token_index,
     listwise_loss,
     pairwise_accuracy,
+    ranking_auc,
     ranking_accuracy,
 )
 from rlhf.errors import ConfigError
@@ -110,3 +111,17 @@ def test_accuracies():
     mask = torch.tensor([[1, 1, 1], [1, 1, 1], [1, 1, 0]])
     # row 0: 3 of 3 pairs right; row 1: 0 of 3; row 2: 1 of 1 -> 4 / 7
     assert ranking_accuracy(ranked, mask).item() == pytest.approx(4 / 7)
+
+
+def test_ranking_auc_hand_numbers_and_reference():
+    # positives {3, 1}, negatives {2, 1, 0}: 3 beats all three; 1 beats 0, ties 1 (half), loses to 2 -> 4.5 / 6
+    assert ranking_auc(torch.tensor([3.0, 1.0]), torch.tensor([2.0, 1.0, 0.0])).item() == pytest.approx(0.75)
+    assert ranking_auc(torch.tensor([1.0, 1.0]), torch.tensor([1.0])).item() == pytest.approx(0.5)  # all ties
+    assert math.isnan(ranking_auc(torch.tensor([1.0]), torch.tensor([])).item())
+    g = torch.Generator().manual_seed(0)
+    pos = torch.randint(0, 10, (37,), generator=g).float()  # whole numbers: exact ties, exact under 3x - 7
+    neg = torch.randint(0, 8, (23,), generator=g).float()
+    loop = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in pos.tolist() for n in neg.tolist()) / (37 * 23)
+    assert ranking_auc(pos, neg).item() == pytest.approx(loop)
+    # the scale and offset of the score do not matter
+    assert ranking_auc(3 * pos - 7, 3 * neg - 7).item() == pytest.approx(loop)
