@@ -88,7 +88,10 @@ def pack(rows: Sequence[Sequence[int]], prefixes: Sequence[tuple[Hashable, int]]
 def to_rows(packed: Tensor, rows: Tensor) -> Tensor:
     """Per-token outputs [1, T, ...] of a packed batch in the rows' layout [B, L, ...] given its `packed_rows`
     (zeros past each row's end; a shared prompt token's output copied to every row holding it, its gradient the sum
-    of theirs)."""
+    of theirs). A dense layout (B x L == T: rows of one length, nothing shared) is the packed tokens laid end to end,
+    so its rows are a view of them, with nothing to copy."""
+    if rows.numel() == packed.shape[1]:
+        return packed.reshape(*rows.shape, *packed.shape[2:])
     flat = torch.cat([packed[0], packed.new_zeros(1, *packed.shape[2:])])
     return flat.index_select(0, rows.reshape(-1)).view(*rows.shape, *packed.shape[2:])
 
@@ -99,16 +102,10 @@ def packed_sdpa_attention(module, query: Tensor, key: Tensor, value: Tensor, att
     layout: PackedLayout | None = kwargs.pop(LAYOUT_KWARG, None)
     if layout is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    dense = layout.dense
-    q, k, v = (_in_rows(x.transpose(1, 2), layout.rows, dense).transpose(1, 2) for x in (query, key, value))
+    q, k, v = (to_rows(x.transpose(1, 2), layout.rows).transpose(1, 2) for x in (query, key, value))  # [B, H, L, D]
     out, _ = sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kwargs)  # [B, L, H, D]
     out = out.reshape(1, -1, *out.shape[2:])
-    return (out if dense else out[0].index_select(0, layout.owner).unsqueeze(0)), None
-
-
-def _in_rows(packed: Tensor, rows: Tensor, dense: bool) -> Tensor:
-    """[1, T, ...] in the rows' layout [B, L, ...]: a view when the layout is dense, else to_rows' copy."""
-    return packed.reshape(*rows.shape, *packed.shape[2:]) if dense else to_rows(packed, rows)
+    return (out if layout.dense else out[0].index_select(0, layout.owner).unsqueeze(0)), None
 
 
 AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)

@@ -58,6 +58,12 @@ def test_to_rows_copies_shared_tokens_and_sums_their_gradient():
     assert rows[..., 0].tolist() == [[0.0, 1.0, 2.0], [0.0, 1.0, 3.0]]
     rows.sum().backward()
     assert values.grad.flatten().tolist() == [2.0, 2.0, 1.0, 1.0]
+    dense = pack([[1, 2], [3, 4]])  # equal rows, nothing shared: the rows are a view of the packed tokens
+    values = torch.arange(4.0, requires_grad=True)
+    rows = to_rows(values[None, :, None], dense["packed_rows"])
+    assert rows[..., 0].tolist() == [[0.0, 1.0], [2.0, 3.0]] and rows.data_ptr() == values.data_ptr()
+    rows.sum().backward()
+    assert values.grad.tolist() == [1.0, 1.0, 1.0, 1.0]
 
 
 UNEQUAL = [Encoded([3, 4, 5], [6, 7, 8, 9, 1]), Encoded([3], [9, 1]), Encoded([2, 2, 2, 2, 2, 2], [5, 1]),
