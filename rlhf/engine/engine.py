@@ -54,7 +54,8 @@ def deepspeed_config(cfg: DictConfig, world_size: int, lr: float | None = None,
                 # DeepSpeed's fused Adam is a JIT-built C++ op on CPU (a compile per environment, and a hang
                 # for every later run if a build is killed holding its lock); torch's AdamW needs no build, and
                 # its fused kernel (one pass over all tensors) steps 4-5x faster than its per-tensor loop.
-                **({"torch_adam": True, "fused": True} if on_cpu else {"torch_adam": False}),
+                "torch_adam": on_cpu,
+                **({"fused": True} if on_cpu else {}),  # DeepSpeed's own FusedAdam (CUDA) takes no such key
             },
         },
         "bf16": {"enabled": dtype == "bf16"},
