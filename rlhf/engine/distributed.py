@@ -41,6 +41,12 @@ def init_distributed(timeout_s: float = 300.0) -> None:
         logger.warning("%s is %.0f minutes old: a build of this DeepSpeed op was killed while holding it, and every "
                        "run that loads the op waits on it forever. Delete it if no build is running.",
                        lock, (time.time() - lock.stat().st_mtime) / 60)
+    orphans = orphaned_shared_memory() if os.environ.get("LOCAL_RANK", "0") == "0" else []
+    if orphans:
+        logger.warning("%d leftover buffer(s) of DeepSpeed's CPU collective, mapped by no process, hold %.1f GiB of "
+                       "memory in %s (runs that ended without releasing them): rm %s/deepspeed_allreduce_buffer_* "
+                       "while no run is starting", len(orphans), sum(p.stat().st_size for p in orphans) / 2**30,
+                       SHARED_MEMORY_DIR, SHARED_MEMORY_DIR)
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -104,6 +110,23 @@ def _release_shared_memory_name() -> None:
     name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
             f"{os.environ.get('MASTER_PORT', '')}_{rank()}")
     (SHARED_MEMORY_DIR / name).unlink(missing_ok=True)
+
+
+def orphaned_shared_memory() -> list:
+    """This user's buffers of DeepSpeed's CPU collective in /dev/shm that no running process maps: left by runs
+    that ended without releasing them, they hold memory until reboot. Reported, not removed: a run starting now
+    could have created its buffer and not yet mapped it."""
+    mine = [p for p in SHARED_MEMORY_DIR.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*") if p.is_file()]
+    if not mine:
+        return []
+    mapped = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            mapped.update(line.rsplit(None, 1)[-1] for line in maps.read_text().splitlines()
+                          if str(SHARED_MEMORY_DIR) in line)
+        except OSError:  # a process that ended, or another user's
+            continue
+    return sorted(p for p in mine if str(p) not in mapped)
 
 
 def _check_ranks_answer(timeout_s: float, where: str) -> None:

@@ -55,3 +55,17 @@ def test_stale_build_locks_are_found_and_fresh_ones_left_alone(tmp_path, monkeyp
         (tmp_path / op / "lock").touch()
         os.utime(tmp_path / op / "lock", (time.time() - age, time.time() - age))
     assert stale_build_locks() == [tmp_path / "fused_adam" / "lock"]
+
+
+def test_orphaned_shared_memory_is_what_no_process_maps(tmp_path, monkeypatch):
+    import mmap
+    import os
+
+    from rlhf.engine import distributed
+
+    monkeypatch.setattr(distributed, "SHARED_MEMORY_DIR", tmp_path)
+    left, in_use = (tmp_path / f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_0" for port in (1, 2))
+    for path in (left, in_use, tmp_path / "other_file"):
+        path.write_bytes(b"\0" * mmap.PAGESIZE)
+    with in_use.open("r+b") as f, mmap.mmap(f.fileno(), mmap.PAGESIZE):  # as a live rank holds its peers' buffers
+        assert distributed.orphaned_shared_memory() == [left]
