@@ -44,9 +44,9 @@ def init_distributed(timeout_s: float = 300.0) -> None:
     orphans = orphaned_shared_memory() if os.environ.get("LOCAL_RANK", "0") == "0" else []
     if orphans:
         logger.warning("%d leftover buffer(s) of DeepSpeed's CPU collective, mapped by no process, hold %.1f GiB of "
-                       "memory in %s (runs that ended without releasing them): rm %s/deepspeed_allreduce_buffer_* "
-                       "while no run is starting", len(orphans), sum(p.stat().st_size for p in orphans) / 2**30,
-                       SHARED_MEMORY_DIR, SHARED_MEMORY_DIR)
+                       "memory in %s (runs that ended without releasing them): rm %s/%s_* while no run is starting",
+                       len(orphans), sum(p.stat().st_size for p in orphans) / 2**30, SHARED_MEMORY_DIR,
+                       SHARED_MEMORY_DIR, SHARED_MEMORY_PREFIX)
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -94,6 +94,7 @@ def stale_build_locks(max_age_s: float = 900.0) -> list:
 
 
 SHARED_MEMORY_DIR = Path("/dev/shm")
+SHARED_MEMORY_PREFIX = "deepspeed_allreduce_buffer"  # DeepSpeed's SHM_BUFFER_NAME (csrc/cpu/comm/shm.cpp)
 
 
 def _release_shared_memory_name() -> None:
@@ -107,7 +108,7 @@ def _release_shared_memory_name() -> None:
 
     if getattr(ds_comm.cdb, "shm_comm_op", None) is None:
         return
-    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+    name = (f"{SHARED_MEMORY_PREFIX}_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
             f"{os.environ.get('MASTER_PORT', '')}_{rank()}")
     (SHARED_MEMORY_DIR / name).unlink(missing_ok=True)
 
@@ -116,7 +117,7 @@ def orphaned_shared_memory() -> list:
     """This user's buffers of DeepSpeed's CPU collective in /dev/shm that no running process maps: left by runs
     that ended without releasing them, they hold memory until reboot. Reported, not removed: a run starting now
     could have created its buffer and not yet mapped it."""
-    mine = [p for p in SHARED_MEMORY_DIR.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*") if p.is_file()]
+    mine = [p for p in SHARED_MEMORY_DIR.glob(f"{SHARED_MEMORY_PREFIX}_{os.getuid()}_*") if p.is_file()]
     if not mine:
         return []
     mapped = set()

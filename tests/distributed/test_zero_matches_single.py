@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from rlhf.tracking import read_metrics
-from rlhf.engine.distributed import SHARED_MEMORY_DIR
+from rlhf.engine.distributed import SHARED_MEMORY_DIR, SHARED_MEMORY_PREFIX
 from tests.integration.conftest import REPO, run_cli, run_process
 
 pytestmark = pytest.mark.slow
@@ -66,7 +66,7 @@ def run_two_processes(*args: str) -> subprocess.CompletedProcess:
     proc = run_process(cmd, cwd=REPO, env={**env, "PYTHONUNBUFFERED": "1"})
     assert proc.returncode == 0, f"{' '.join(cmd)}: exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     assert "deepspeed_shm_comm" in proc.stdout + proc.stderr  # the collective whose buffers are checked below
-    assert not list(SHARED_MEMORY_DIR.glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not list(SHARED_MEMORY_DIR.glob(f"{SHARED_MEMORY_PREFIX}_*_{port}_*"))
     return proc
 
 

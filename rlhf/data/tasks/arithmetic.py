@@ -164,10 +164,10 @@ REJECTION_WEIGHTS = {"off_by": 3, "bad_column": 6, "spurious_carry": 1, "miscopy
                      "no_think": 1, "carry_drop": 2}
 """Relative odds of each kind of rejection (carry_drop only on problems that carry). They follow the mistakes of the
 policy the reward model will score: the cold start's wrong answers are dropped carries and, once it writes the carry,
-a carry column summed wrong (`8+7+1=17`: 246 and 59 of 768 sampled answers, every other kind together 22). A wrong column
-sum is the hardest for a reward model to see, so it gets the most pairs, on the carry column where there is one (at
-3 in 12, on any column, the reward model ranked the cold start's right answers above those at chance, 0.49 AUC, and
-PPO against it stalled once it wrote its carries); format errors are learned from few pairs."""
+a carry column summed wrong (`8+7+1=17`: 246 and 59 of 768 sampled answers, every other kind together 22). A wrong
+column sum is the hardest for a reward model to see, so it gets the most pairs, on the carry column where there is one
+(at 3 in 12, on any column, the reward model ranked the cold start's right answers above those at chance, 0.49 AUC,
+and PPO against it stalled once it wrote its carries); format errors are learned from few pairs."""
 
 
 def _miscopied(a: int, b: int, rng: random.Random) -> tuple[int, int]:
@@ -190,8 +190,10 @@ def _rejection(kind: str, a: int, b: int, steps: list[str], total: str, rng: ran
     if kind == "carry_drop":
         return solution(a, b, drop_carries=True)
     if kind in ("bad_column", "spurious_carry"):
-        carried_into = [i for i in range(len(steps)) if i not in free]
-        i = rng.choice(free if kind == "spurious_carry" else carried_into or list(range(len(steps))))
+        if kind == "spurious_carry":
+            i = rng.choice(free)
+        else:  # the column a carry reaches, where there is one: the sum a policy gets wrong once it carries
+            i = rng.choice([j for j in range(len(steps)) if j not in free] or range(len(steps)))
         lhs, value = steps[i].split("=")
         delta = 1 if kind == "spurious_carry" else rng.choice([d for d in (-2, -1, 1, 2) if int(value) + d >= 0])
         faulty = list(steps)
@@ -208,14 +210,14 @@ def _rejection(kind: str, a: int, b: int, steps: list[str], total: str, rng: ran
 def arithmetic_preferences(cfg: Any, split: str, seed: int) -> list[dict]:
     """Reward-model pairs {prompt, chosen, rejected, answer}.
 
-    chosen is the correct R1-format solution. rejected is, at the odds of REJECTION_WEIGHTS, the
-    carry-forgetting solution (on problems that carry), the right work with an answer a little off (+-1, +-2
-    or +-10), a column added wrong (the one a carry reaches, where there is one), a carry added where none was due (the answer following the faulty
-    column in both), an operand digit copied wrong (the rest right for the miscopied problem), the right
-    answer without `</answer>`, or the right answer without a think block. So every rejected fails the
-    accuracy or the format reward, and chosen passes both. The faulty-column and miscopy kinds make the
-    reward model check each column against the prompt, not only whether a carry appears: a policy optimised
-    against it otherwise learns to write carries everywhere, or to copy a digit wrong and add right.
+    chosen is the correct R1-format solution. rejected is, at the odds of REJECTION_WEIGHTS, the carry-forgetting
+    solution (on problems that carry), the right work with an answer a little off (+-1, +-2 or +-10), a column added
+    wrong (the one a carry reaches, where there is one), a carry added where none was due (the answer following the
+    faulty column in both), an operand digit copied wrong (the rest right for the miscopied problem), the right
+    answer without `</answer>`, or the right answer without a think block. So every rejected fails the accuracy or
+    the format reward, and chosen passes both. The faulty-column and miscopy kinds make the reward model check each
+    column against the prompt, not only whether a carry appears: a policy optimised against it otherwise learns to
+    write carries everywhere, or to copy a digit wrong and add right.
     """
     rng = random.Random(f"arithmetic/preferences/{split}/{seed}")
     per_problem = max(1, int(getattr(cfg, "pairs_per_problem", 1))) if split == "train" else 1

@@ -64,7 +64,8 @@ def test_orphaned_shared_memory_is_what_no_process_maps(tmp_path, monkeypatch):
     from rlhf.engine import distributed
 
     monkeypatch.setattr(distributed, "SHARED_MEMORY_DIR", tmp_path)
-    left, in_use = (tmp_path / f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_0" for port in (1, 2))
+    prefix = f"{distributed.SHARED_MEMORY_PREFIX}_{os.getuid()}_127.0.0.1"
+    left, in_use = (tmp_path / f"{prefix}_{port}_0" for port in (1, 2))
     for path in (left, in_use, tmp_path / "other_file"):
         path.write_bytes(b"\0" * mmap.PAGESIZE)
     with in_use.open("r+b") as f, mmap.mmap(f.fileno(), mmap.PAGESIZE):  # as a live rank holds its peers' buffers
